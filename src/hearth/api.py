@@ -1,0 +1,303 @@
+"""The library API: load a model, generate, chat, count, inspect, estimate, benchmark."""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+from .config import LOAD_SETTINGS, load_config
+from .engines.base import select_engine
+from .errors import BadRequest
+from .gguf import ModelInfo, inspect_model
+from .hardware import Hardware, detect_hardware, process_rss
+from .planner import LoadOptions, LoadPlan, MemoryEstimate, estimate_memory, plan_load
+from .store import resolve_model
+from .types import GenerationChunk, GenerationConfig, GenerationResult
+
+ModelRef = "Model | str | os.PathLike[str] | None"
+
+
+class Model:
+    """A loaded model. Thread-safe: any number of threads may generate at once."""
+
+    def __init__(self, name: str, info: ModelInfo, plan: LoadPlan, hardware: Hardware) -> None:
+        self.name = name
+        self.info = info
+        self.plan = plan
+        self.hardware = hardware
+        engine = select_engine(info.path)
+        if engine == "llama.cpp":
+            from .engines.llamacpp import LlamaCppEngine
+
+            self.engine = LlamaCppEngine(info, plan, model_name=name)
+        else:  # pragma: no cover - select_engine raises first
+            raise BadRequest(f"no engine for {info.path}")
+
+    # -- generation ---------------------------------------------------------------
+
+    def stream_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> Iterator[GenerationChunk]:
+        cfg = GenerationConfig.from_kwargs(config, **kw)
+        return self.engine.stream(prompt, cfg)
+
+    def generate_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
+        cfg = GenerationConfig.from_kwargs(config, **kw)
+        return self.engine.generate(prompt, cfg)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> tuple[str, GenerationConfig]:
+        text, stops = self.engine.render_chat(messages)
+        cfg = GenerationConfig.from_kwargs(config, **kw)
+        if stops:
+            cfg.stop = list(dict.fromkeys([*cfg.stop, *stops]))
+        return text, cfg
+
+    def stream_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> Iterator[GenerationChunk]:
+        text, cfg = self.chat_prompt(messages, config, **kw)
+        return self.engine.stream(text, cfg)
+
+    def generate_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
+        text, cfg = self.chat_prompt(messages, config, **kw)
+        return self.engine.generate(text, cfg)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.engine.tokenize(text))
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.engine.tokenize(text, add_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.engine.detokenize(tokens)
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, n_ctx={self.plan.n_ctx}, n_gpu_layers={self.plan.n_gpu_layers})"
+
+
+def _load_options(overrides: Mapping[str, Any]) -> LoadOptions:
+    unknown = sorted(set(overrides) - set(LOAD_SETTINGS))
+    if unknown:
+        raise BadRequest(
+            f"unknown load setting(s): {', '.join(unknown)} (known: {', '.join(LOAD_SETTINGS)})"
+        )
+    return LoadOptions(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_model(
+    model: str | os.PathLike[str] | None = None,
+    n_ctx: int | None = None,
+    n_threads: int | None = None,
+    n_gpu_layers: int | None = None,
+    **overrides: Any,
+) -> Model:
+    """Load a model by path or known name, planned for this machine.
+
+    Settings come from flags (these arguments) > environment > config file > planner.
+    """
+    cfg = load_config()
+    resolved = resolve_model(model if model is not None else cfg.model)
+    info = inspect_model(resolved.path)
+    hw = detect_hardware()
+    wishes = cfg.load_options().merged(
+        _load_options({"n_ctx": n_ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, **overrides})
+    )
+    plan = plan_load(info, hw, wishes)
+    return Model(resolved.name, info, plan, hw)
+
+
+# A small cache so quick_* and name-based calls do not reload on every call.
+_cache: dict[str, Model] = {}
+_cache_lock = threading.Lock()
+
+
+def _model(model: Model | str | os.PathLike[str] | None) -> Model:
+    if isinstance(model, Model):
+        return model
+    key = os.fspath(model) if model is not None else ""
+    with _cache_lock:
+        m = _cache.get(key)
+        if m is None:
+            m = _cache[key] = load_model(model)
+        return m
+
+
+def generate_text(
+    model: Model | str | os.PathLike[str] | None,
+    prompt: str,
+    max_tokens: int | None = 256,
+    temperature: float = 0.8,
+    stream: bool = False,
+    **sampling: Any,
+) -> GenerationResult | Iterator[GenerationChunk]:
+    """Complete ``prompt``. With ``stream=True``, an iterator of GenerationChunk."""
+    m = _model(model)
+    cfg = GenerationConfig.from_kwargs(None, max_tokens=max_tokens, temperature=temperature, **sampling)
+    return m.stream_text(prompt, cfg) if stream else m.generate_text(prompt, cfg)
+
+
+def generate_chat(
+    model: Model | str | os.PathLike[str] | None,
+    messages: Sequence[Mapping[str, Any]],
+    max_tokens: int | None = 256,
+    temperature: float = 0.8,
+    stream: bool = False,
+    **sampling: Any,
+) -> GenerationResult | Iterator[GenerationChunk]:
+    """Answer a conversation with the model's chat template."""
+    m = _model(model)
+    cfg = GenerationConfig.from_kwargs(None, max_tokens=max_tokens, temperature=temperature, **sampling)
+    return m.stream_chat(messages, cfg) if stream else m.generate_chat(messages, cfg)
+
+
+def count_tokens(model: Model | str | os.PathLike[str] | None, text: str) -> int:
+    return _model(model).count_tokens(text)
+
+
+def quick_complete(prompt: str, **kw: Any) -> str:
+    """Complete with the default model; returns the text."""
+    return generate_text(None, prompt, **kw).text  # type: ignore[union-attr]
+
+
+def quick_chat(messages: Sequence[Mapping[str, Any]] | str, **kw: Any) -> str:
+    """Chat with the default model; a string is one user message. Returns the text."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    return generate_chat(None, messages, **kw).text  # type: ignore[union-attr]
+
+
+def get_model_info(model: str | os.PathLike[str] | None = None) -> ModelInfo:
+    """Inspect a GGUF file (or known model) without loading its weights."""
+    return inspect_model(resolve_model(model).path)
+
+
+def plan_model(model: str | os.PathLike[str] | None = None, **wishes: Any) -> LoadPlan:
+    """The LoadPlan hearth would use for this model on this machine."""
+    cfg = load_config()
+    info = get_model_info(model if model is not None else cfg.model)
+    opts = cfg.load_options().merged(_load_options(wishes))
+    return plan_load(info, detect_hardware(), opts)
+
+
+def estimate_memory_usage(
+    model: str | os.PathLike[str] | None = None,
+    n_ctx: int | None = None,
+    **wishes: Any,
+) -> MemoryEstimate:
+    """Bytes of RAM and VRAM the model will use at ``n_ctx`` (default: the planned context)."""
+    plan = plan_model(model, **wishes)
+    info = get_model_info(model)
+    return estimate_memory(
+        info,
+        n_ctx or plan.n_ctx,
+        n_gpu_layers=plan.n_gpu_layers,
+        n_ubatch=plan.n_ubatch,
+        kv_type=plan.kv_type,
+        parallel=plan.parallel,
+        swa_full=plan.swa_full,
+        flash_attn=plan.flash_attn is not False,
+    )
+
+
+@dataclass
+class BenchmarkResult:
+    model: str
+    n_prompt: int
+    n_gen: int
+    repetitions: int
+    n_threads: int
+    n_gpu_layers: int
+    pp_tokens_per_second: float
+    tg_tokens_per_second: float
+    pp_samples: list[float] = field(default_factory=list)
+    tg_samples: list[float] = field(default_factory=list)
+    ttft_seconds: float = 0.0
+    load_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def benchmark_inference(
+    model: Model | str | os.PathLike[str] | None = None,
+    prompts: Sequence[str] | None = None,
+    *,
+    n_prompt: int = 512,
+    n_gen: int = 128,
+    repetitions: int = 3,
+    warmup: bool = True,
+    seed: int = 1234,
+) -> BenchmarkResult:
+    """Prompt (pp) and generation (tg) tokens/s, ttft and peak memory, llama-bench style.
+
+    pp: a prompt of ``n_prompt`` random tokens, time to its first token. tg: ``n_gen``
+    tokens generated from a one-token prompt, end of stream ignored. Both run through
+    the real generation path (scheduler and native sampler), greedy. ``prompts`` adds
+    per-prompt timings for real text.
+    """
+    t0 = time.perf_counter()
+    m = _model(model)
+    load_s = time.perf_counter() - t0
+    peak = process_rss()
+    rng = random.Random(seed)
+    n_vocab = m.engine.model.n_vocab  # type: ignore[attr-defined]
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    if n_prompt >= m.plan.n_ctx_per_slot:
+        raise BadRequest(f"n_prompt {n_prompt} does not fit the context ({m.plan.n_ctx_per_slot})")
+
+    def pp_once() -> tuple[float, float]:
+        toks = [rng.randrange(n_vocab) for _ in range(n_prompt)]
+        r = m.generate_text(toks, max_tokens=1, **greedy)
+        return n_prompt / r.timings.prompt_seconds, r.timings.ttft
+
+    def tg_once() -> float:
+        # a fresh one-token prompt each time, so no cached prefix shortens the run
+        r = m.generate_text([rng.randrange(n_vocab)], max_tokens=n_gen, **greedy)
+        return r.usage.completion_tokens / (r.timings.prompt_seconds + r.timings.generation_seconds)
+
+    if warmup:
+        m.generate_text([rng.randrange(n_vocab) for _ in range(min(n_prompt, 32) or 1)], max_tokens=2, **greedy)
+    pp, ttft, tg = [], [], []
+    for _ in range(repetitions):
+        if n_prompt > 0:
+            a, b = pp_once()
+            pp.append(a)
+            ttft.append(b)
+        if n_gen > 0:
+            tg.append(tg_once())
+        peak = max(peak, process_rss())
+    per_prompt = []
+    for text in prompts or []:
+        r = m.generate_text(text, max_tokens=n_gen, **greedy)
+        per_prompt.append({"prompt": text[:60], **r.timings.to_dict(), **r.usage.to_dict()})
+        peak = max(peak, process_rss())
+    return BenchmarkResult(
+        model=m.name,
+        n_prompt=n_prompt,
+        n_gen=n_gen,
+        repetitions=repetitions,
+        n_threads=m.plan.n_threads,
+        n_gpu_layers=m.plan.n_gpu_layers,
+        pp_tokens_per_second=statistics.fmean(pp) if pp else 0.0,
+        tg_tokens_per_second=statistics.fmean(tg) if tg else 0.0,
+        pp_samples=pp,
+        tg_samples=tg,
+        ttft_seconds=statistics.fmean(ttft) if ttft else 0.0,
+        load_seconds=load_s,
+        peak_rss_bytes=peak,
+        prompts=per_prompt,
+    )

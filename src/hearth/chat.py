@@ -1,0 +1,163 @@
+"""Chat messages -> prompt text, through the model's own Jinja chat template.
+
+A model without an embedded template gets a fallback for its architecture family
+(Gemma's turn markers, ChatML, Llama 3 headers) or, failing that, a plain
+transcript that any base model can continue.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from .errors import BadRequest
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set first = true %}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set sys = messages[0]['content'] + '\n\n' %}{% set msgs = messages[1:] %}"
+    "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "{% for m in msgs %}"
+    "{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\n' + (sys if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
+    "{% else %}{{ 'Assistant: ' + m['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# What a family's fallback stops on, since the markers may not be EOG tokens.
+FALLBACK_STOPS = {
+    "gemma": ["<end_of_turn>"],
+    "chatml": ["<|im_end|>"],
+    "llama3": ["<|eot_id|>"],
+    "plain": ["\nUser:"],
+}
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    source: str
+    kind: str  # "model" (embedded) or the fallback's name
+    stop: tuple[str, ...] = ()
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        bos_token: str = "",
+        eos_token: str = "",
+        add_generation_prompt: bool = True,
+    ) -> str:
+        msgs = normalize_messages(messages)
+        try:
+            return _compile(self.source).render(
+                messages=msgs,
+                bos_token=bos_token,
+                eos_token=eos_token,
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+            )
+        except BadRequest:
+            raise
+        except Exception as e:
+            raise BadRequest(f"the chat template could not render these messages: {e}") from None
+
+
+def fallback_for(architecture: str) -> ChatTemplate:
+    arch = architecture.lower()
+    if arch.startswith("gemma"):
+        name, src = "gemma", GEMMA_TEMPLATE
+    elif arch.startswith(("qwen", "smollm")):
+        name, src = "chatml", CHATML_TEMPLATE
+    else:
+        name, src = "plain", PLAIN_TEMPLATE
+    return ChatTemplate(src, name, tuple(FALLBACK_STOPS[name]))
+
+
+def template_for(chat_template: str | None, architecture: str) -> ChatTemplate:
+    if chat_template:
+        return ChatTemplate(chat_template, "model")
+    return fallback_for(architecture)
+
+
+def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise BadRequest("messages must be a list of {'role': ..., 'content': ...} objects")
+    if not messages:
+        raise BadRequest("messages must not be empty")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise BadRequest(f"messages[{i}] must be an object with role and content")
+        role = m.get("role")
+        if role not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, list):  # OpenAI content parts: keep the text parts
+            parts = []
+            for p in content:
+                if isinstance(p, Mapping) and p.get("type") == "text":
+                    parts.append(str(p.get("text", "")))
+                elif isinstance(p, str):
+                    parts.append(p)
+                else:
+                    raise BadRequest(f"messages[{i}].content: only text parts are supported")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+        msg = dict(m)
+        msg["role"], msg["content"] = ("system" if role == "developer" else role), content
+        out.append(msg)
+    return out
+
+
+def _raise(message: str) -> None:
+    raise BadRequest(f"chat template: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(source: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except Exception as e:
+        raise BadRequest(f"the model's chat template does not compile: {e}") from None

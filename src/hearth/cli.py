@@ -1,0 +1,349 @@
+"""The command line: parsing and printing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from . import __name__ as _pkg  # noqa: F401
+from .errors import HearthError
+
+PROG = "hearth"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
+
+
+# -- arguments ------------------------------------------------------------------
+
+
+def _load_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("loading (override the planner)")
+    g.add_argument("--n-ctx", "--ctx", dest="n_ctx", type=int, help="context length in tokens")
+    g.add_argument("--threads", "-t", dest="n_threads", type=int, help="CPU threads")
+    g.add_argument("--gpu-layers", "-ngl", dest="n_gpu_layers", type=int, help="layers on the GPU (-1 = all)")
+    g.add_argument("--batch-size", dest="n_batch", type=int, help="logical batch size")
+    g.add_argument("--ubatch-size", dest="n_ubatch", type=int, help="physical batch size")
+    g.add_argument("--kv-type", dest="kv_type", help="KV cache type (f16, q8_0, q4_0, ...)")
+    g.add_argument("--no-mmap", dest="use_mmap", action="store_const", const=False, help="read the model into RAM instead of mapping it")
+    g.add_argument("--mlock", dest="use_mlock", action="store_const", const=True, help="lock the model in RAM")
+
+
+def _gen_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-tokens", "-n", type=int, default=512, help="tokens to generate at most (default 512)")
+    g.add_argument("--temperature", "--temp", type=float, default=None, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repeat-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--grammar", default=None, help="GBNF grammar text, or @FILE")
+    g.add_argument("--json-schema", default=None, help="constrain output to this JSON schema (text or @FILE)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Run local LLMs on llama.cpp with zero configuration.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log detail (-vv: llama.cpp's log too)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="answer a prompt (or chat when no prompt is given)")
+    r.add_argument("model", nargs="?", help="path to a .gguf or a known name (default: the embedded model)")
+    r.add_argument("prompt_words", nargs="*", metavar="PROMPT", help="the prompt (or -p, or stdin)")
+    r.add_argument("-p", "--prompt", help="the prompt")
+    r.add_argument("--raw", action="store_true", help="complete the prompt as-is, without the chat template")
+    r.add_argument("--system", help="system message")
+    r.add_argument("--json", action="store_true", help="print one JSON object: text, finish_reason, usage, timings")
+    _gen_flags(r)
+    _load_flags(r)
+
+    c = sub.add_parser("chat", help="interactive chat (/bye to leave)")
+    c.add_argument("model", nargs="?", help="path to a .gguf or a known name")
+    c.add_argument("--system", help="system message")
+    _gen_flags(c)
+    _load_flags(c)
+
+    i = sub.add_parser("info", help="what a model is, and how hearth would load it here")
+    i.add_argument("model", nargs="?", help="path to a .gguf or a known name")
+    i.add_argument("--json", action="store_true")
+    _load_flags(i)
+
+    b = sub.add_parser("bench", help="prompt and generation speed, ttft and peak memory")
+    b.add_argument("model", nargs="?", help="path to a .gguf or a known name")
+    b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (default 512)")
+    b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (default 128)")
+    b.add_argument("-r", "--repetitions", type=int, default=3)
+    b.add_argument("--json", action="store_true")
+    _load_flags(b)
+
+    cf = sub.add_parser("config", help="show each effective setting and where it came from")
+    cf.add_argument("--json", action="store_true")
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def _load_wishes(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "n_ubatch", "kv_type", "use_mmap", "use_mlock")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _file_or_text(v: str | None) -> str | None:
+    if v and v.startswith("@"):
+        try:
+            with open(v[1:], encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            from .errors import BadRequest
+
+            raise BadRequest(f"cannot read {v[1:]}: {e.strerror}") from None
+    return v
+
+
+def _gen_config(args: argparse.Namespace):
+    from .errors import BadRequest
+    from .types import GenerationConfig
+
+    kw: dict[str, Any] = {"max_tokens": args.max_tokens}
+    for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop"):
+        v = getattr(args, k)
+        if v is not None:
+            kw[k] = v
+    grammar = _file_or_text(args.grammar)
+    if grammar:
+        kw["grammar"] = grammar
+    schema = _file_or_text(args.json_schema)
+    if schema:
+        try:
+            kw["json_schema"] = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise BadRequest(f"--json-schema is not valid JSON: {e.msg} at line {e.lineno}") from None
+    return GenerationConfig.from_kwargs(None, **kw)
+
+
+def _load(args: argparse.Namespace):
+    from .api import load_model
+
+    return load_model(args.model, **_load_wishes(args))
+
+
+def _stream_out(chunks) -> Any:
+    out = sys.stdout
+    gen = iter(chunks)
+    while True:
+        try:
+            ch = next(gen)
+        except StopIteration as stop:
+            out.write("\n")
+            out.flush()
+            return stop.value
+        if ch.text:
+            out.write(ch.text)
+            out.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    prompt = args.prompt
+    if prompt is None and args.prompt_words:
+        prompt = " ".join(args.prompt_words)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt is None:
+        return cmd_chat(args)
+    cfg = _gen_config(args)  # validate before loading anything
+    model = _load(args)
+    try:
+        if args.raw:
+            text, gcfg = prompt, cfg
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages.append({"role": "user", "content": prompt})
+            text, gcfg = model.chat_prompt(messages, cfg)
+        if args.json:
+            result = model.generate_text(text, gcfg)
+            print(json.dumps(result.to_dict(), ensure_ascii=False))
+        else:
+            _stream_out(model.stream_text(text, gcfg))
+    finally:
+        model.close()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    cfg = _gen_config(args)
+    model = _load(args)
+    history: list[dict[str, str]] = []
+    if getattr(args, "system", None):
+        history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"{model.name} · n_ctx {model.plan.n_ctx} · /bye to leave, /clear to forget", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input(">>> " if interactive else "")
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/bye", "/exit", "/quit"):
+                break
+            if line == "/clear":
+                history = [m for m in history if m["role"] == "system"]
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                text, gcfg = model.chat_prompt(history, cfg)
+                result = _stream_out(model.stream_text(text, gcfg))
+            except HearthError as e:
+                history.pop()
+                print(f"{PROG}: error: {e}", file=sys.stderr)
+                continue
+            history.append({"role": "assistant", "content": result.text if result else ""})
+    finally:
+        model.close()
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .api import get_model_info, plan_model
+    from .hardware import detect_hardware
+
+    info = get_model_info(args.model)
+    hw = detect_hardware()
+    plan = plan_model(args.model, **_load_wishes(args))
+    if args.json:
+        print(json.dumps({"model": info.to_dict(), "hardware": hw.to_dict(), "plan": plan.to_dict()}, indent=2))
+        return 0
+    rows = [
+        ("file", str(info.path)),
+        ("name", info.name or "-"),
+        ("architecture", info.architecture),
+        ("parameters", f"{info.parameters / 1e6:.1f} M" if info.parameters < 1e9 else f"{info.parameters / 1e9:.2f} B"),
+        ("quantization", f"{info.quantization} ({info.bits_per_weight:.2f} bits/weight)"),
+        ("file size", _gib(info.file_size)),
+        ("context (trained)", str(info.context_length)),
+        ("layers", str(info.block_count)),
+        ("embedding", str(info.embedding_length)),
+        ("heads / kv heads", f"{info.head_count} / {info.head_count_kv}"),
+        ("vocabulary", str(info.vocab_size)),
+        ("chat template", "embedded" if info.has_chat_template else "none (fallback for its family)"),
+        ("", ""),
+        ("machine", f"{hw.physical_cores} cores, {_gib(hw.available_ram)} of {_gib(hw.total_ram)} RAM free"
+         + "".join(f", {g.name} {_gib(g.free_memory)} free" for g in hw.gpus)),
+        ("plan: n_ctx", str(plan.n_ctx)),
+        ("plan: gpu layers", f"{plan.n_gpu_layers} of {info.block_count + 1}"),
+        ("plan: threads", str(plan.n_threads)),
+        ("plan: batch / ubatch", f"{plan.n_batch} / {plan.n_ubatch}"),
+        ("plan: kv cache", plan.kv_type),
+        ("memory: weights", _gib(plan.memory.weights_ram + plan.memory.weights_vram)),
+        ("memory: kv cache", _gib(plan.memory.kv_ram + plan.memory.kv_vram)),
+        ("memory: compute", _gib(plan.memory.compute_ram + plan.memory.compute_vram + plan.memory.output_ram)),
+        ("memory: total", f"{_gib(plan.memory.ram)} RAM" + (f" + {_gib(plan.memory.vram)} VRAM" if plan.memory.vram else "")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}" if k else "")
+    for n in plan.notes:
+        print(f"note: {n}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .api import benchmark_inference
+
+    for name in ("n_prompt", "n_gen"):
+        if getattr(args, name) < 0:
+            from .errors import BadRequest
+
+            raise BadRequest(f"--{name.replace('_', '-')} must be >= 0")
+    if args.repetitions < 1:
+        from .errors import BadRequest
+
+        raise BadRequest("--repetitions must be >= 1")
+    model = _load(args)
+    try:
+        r = benchmark_inference(model, n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions)
+    finally:
+        model.close()
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2))
+        return 0
+    print(f"model    {r.model}  (threads {r.n_threads}, gpu layers {r.n_gpu_layers})")
+    if r.n_prompt:
+        print(f"pp{r.n_prompt:<5} {r.pp_tokens_per_second:10.1f} tokens/s   ttft {r.ttft_seconds * 1000:.0f} ms")
+    if r.n_gen:
+        print(f"tg{r.n_gen:<5} {r.tg_tokens_per_second:10.1f} tokens/s")
+    print(f"peak RSS {_gib(r.peak_rss_bytes)}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config()
+    d = cfg.to_dict()
+    if args.json:
+        print(json.dumps({"config_file": str(cfg.file), "settings": d}, indent=2))
+        return 0
+    print(f"config file: {cfg.file}{'' if cfg.file.exists() else ' (absent)'}")
+    for name, s in d.items():
+        print(f"{name:<16} {str(s['value']):<22} {s['source']:<8} {s['env']}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "config": cmd_config}
+
+
+def _setup_logging(verbose: int) -> None:
+    debug = verbose > 0 or os.environ.get("HEARTH_DEBUG", "").lower() in ("1", "true", "yes", "on")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hearth").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # llama.cpp's own log: all of it with -vv (or HEARTH_DEBUG), its errors with -v,
+    # nothing otherwise, so a refused request prints the one "hearth: error:" line only
+    logging.getLogger("hearth.llama_cpp").setLevel(
+        logging.DEBUG if (verbose > 1 or (debug and verbose != 1))
+        else logging.ERROR if debug else logging.CRITICAL
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except HearthError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        except OSError:
+            pass
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""The llama.cpp engine: a LlamaModel, its chat template, and the one scheduler."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, Sequence
+
+from ...chat import ChatTemplate, template_for
+from ...errors import BadRequest
+from ...gguf import ModelInfo
+from ...planner import LoadPlan
+from ...types import GenerationChunk, GenerationConfig, GenerationResult
+from .model import LlamaModel
+from .sampling import Sampler
+from .scheduler import Request, RequestHandle, Scheduler
+
+
+class LlamaCppEngine:
+    name = "llama.cpp"
+
+    def __init__(self, info: ModelInfo, plan: LoadPlan, model_name: str = "") -> None:
+        self.info = info
+        self.plan = plan
+        self.model_name = model_name or info.path.name
+        self.model = LlamaModel(info, plan)
+        try:
+            self.scheduler = Scheduler(self.model)
+        except BaseException:
+            self.model.close()
+            raise
+        self.template: ChatTemplate = template_for(info.chat_template, info.architecture)
+        self._bos_text = self.model.token_text(self.model.bos) if self.model.bos >= 0 else ""
+        self._eos_text = self.model.token_text(self.model.eos) if self.model.eos >= 0 else ""
+
+    # -- text <-> tokens ------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise BadRequest("text must be a string")
+        tokens = self.model.tokenize(text, add_special=add_special, parse_special=True)
+        bos = self.model.bos
+        if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
+            tokens = tokens[1:]  # a template that writes its own BOS
+        return tokens
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.model.detokenize(tokens)
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
+        text = self.template.render(messages, bos_token=self._bos_text, eos_token=self._eos_text)
+        return text, list(self.template.stop)
+
+    # -- generation -----------------------------------------------------------------
+
+    def submit(self, prompt: str | list[int], config: GenerationConfig) -> RequestHandle:
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if any((not isinstance(t, int)) or t < 0 or t >= self.model.n_vocab for t in tokens):
+            raise BadRequest(f"prompt token ids must be in 0..{self.model.n_vocab - 1}")
+        sampling = config.sampling_params()
+        req = Request(
+            prompt_tokens=tokens,
+            sampling=sampling,
+            sampler=Sampler(self.model, sampling),
+            max_tokens=config.max_tokens,
+            stop=list(config.stop),
+            model_name=self.model_name,
+            ignore_eos=config.ignore_eos,
+        )
+        try:
+            return self.scheduler.submit(req)
+        except BaseException:
+            req.sampler.close()
+            raise
+
+    def stream(self, prompt: str | list[int], config: GenerationConfig) -> Iterator[GenerationChunk]:
+        handle = self.submit(prompt, config)
+        yield from handle
+        return handle.request.result
+
+    def generate(self, prompt: str | list[int], config: GenerationConfig) -> GenerationResult:
+        return self.submit(prompt, config).result()
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.model.close()

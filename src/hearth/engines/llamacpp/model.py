@@ -1,0 +1,171 @@
+"""A llama.cpp model and context, loaded from a LoadPlan on llama-cpp-python's low-level API."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+
+import llama_cpp as ll
+
+from ...errors import EngineError, InvalidModel
+from ...gguf import ModelInfo
+from ...planner import KV_GGML_TYPE, LoadPlan
+
+log = logging.getLogger("hearth.llama_cpp")
+# llama.cpp's own log is silent unless asked for (hearth -v, HEARTH_DEBUG=1).
+if log.level == logging.NOTSET:
+    log.setLevel(logging.ERROR)
+
+# enum ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_backend_lock = threading.Lock()
+_backend_ready = False
+_last_level = logging.DEBUG
+
+
+@ll.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """Route llama.cpp's log into ``logging`` (quiet unless hearth's debug is on)."""
+    global _last_level
+    lvl = _last_level if level == 5 else _LEVELS.get(level, logging.DEBUG)
+    _last_level = lvl
+    if log.isEnabledFor(lvl):
+        msg = text.decode("utf-8", errors="replace").rstrip("\n")
+        if msg:
+            log.log(lvl, "%s", msg)
+
+
+def init_backend(numa: bool = False) -> None:
+    global _backend_ready
+    with _backend_lock:
+        if _backend_ready:
+            return
+        ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        ll.llama_backend_init()
+        if numa:
+            ll.llama_numa_init(ll.GGML_NUMA_STRATEGY_DISTRIBUTE)
+        _backend_ready = True
+
+
+class LlamaModel:
+    """Owns a ``llama_model`` and one ``llama_context``; everything else borrows them."""
+
+    def __init__(self, info: ModelInfo, plan: LoadPlan) -> None:
+        init_backend(plan.numa)
+        self.info = info
+        self.plan = plan
+        self.path = Path(info.path)
+        self.model = None
+        self.ctx = None
+
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = plan.n_gpu_layers
+        if plan.use_mmap and plan.use_mlock:
+            mp.load_mode = ll.LLAMA_LOAD_MODE_MMAP_MLOCK
+        elif plan.use_mlock:
+            mp.load_mode = ll.LLAMA_LOAD_MODE_MLOCK
+        elif plan.use_mmap:
+            mp.load_mode = ll.LLAMA_LOAD_MODE_MMAP
+        else:
+            mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
+        model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not model:
+            raise InvalidModel(f"{self.path}: llama.cpp could not load this model (run with -v for its log)")
+        self.model = model
+        self.vocab = ll.llama_model_get_vocab(model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = plan.n_ctx
+        cp.n_batch = plan.n_batch
+        cp.n_ubatch = plan.n_ubatch
+        cp.n_seq_max = plan.parallel
+        cp.n_threads = plan.n_threads
+        cp.n_threads_batch = plan.n_threads_batch
+        cp.type_k = KV_GGML_TYPE[plan.kv_type]
+        cp.type_v = KV_GGML_TYPE[plan.kv_type]
+        cp.flash_attn_type = (
+            ll.LLAMA_FLASH_ATTN_TYPE_AUTO
+            if plan.flash_attn is None
+            else (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if plan.flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        )
+        cp.swa_full = plan.swa_full
+        cp.kv_unified = plan.parallel > 1
+        cp.no_perf = True
+        ctx = ll.llama_init_from_model(model, cp)
+        if not ctx:
+            self.close()
+            raise EngineError(
+                f"llama.cpp could not create a context of {plan.n_ctx} tokens for {self.path.name}"
+            )
+        self.ctx = ctx
+        self.memory = ll.llama_get_memory(ctx)
+        self.n_ctx = ll.llama_n_ctx(ctx)
+        self.n_ctx_seq = ll.llama_n_ctx_seq(ctx)
+        self.n_batch = ll.llama_n_batch(ctx)
+        self.n_seq_max = ll.llama_n_seq_max(ctx)
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
+        self.bos = ll.llama_vocab_bos(self.vocab)
+        self.eos = ll.llama_vocab_eos(self.vocab)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._piece_cache: dict[int, bytes] = {}
+
+    # -- vocabulary -----------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (ll.llama_token * n_max)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (ll.llama_token * n_max)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+            if n < 0:
+                raise EngineError("tokenization failed")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token renders to (control tokens render empty)."""
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            buf = self._piece_buf
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[:n]
+            self._piece_cache[token] = piece
+        return piece
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of a token (special tokens too), e.g. ``<|im_end|>``."""
+        raw = ll.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    # -- KV memory ------------------------------------------------------------------
+
+    def seq_clear(self, seq_id: int, p0: int = 0) -> None:
+        ll.llama_memory_seq_rm(self.memory, seq_id, p0, -1)
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        if self.model is not None:
+            ll.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:  # pragma: no cover - safety net
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,446 @@
+"""The one generation loop: slots in one llama.cpp context, one ``llama_decode`` per step.
+
+Each step packs, into a single ``llama_batch``, the next token of every generating
+slot and a chunk of the prompt of every slot still prefilling; decodes once; then
+samples each slot that produced logits with its own native sampler chain. A request
+is a batch of one when it is alone: there is no second code path.
+
+The worker thread owns the context; callers hand it requests through a lock and
+read results from a per-request queue, so any number of threads may generate on
+one model at once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import llama_cpp as ll
+
+from ...errors import Busy, Cancelled, ContextOverflow, EngineError, HearthError
+from ...types import FinishReason, GenerationChunk, GenerationResult, Timings, Usage
+from .model import LlamaModel
+from .sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+@dataclass
+class Request:
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    max_tokens: int | None
+    stop: list[str]
+    model_name: str = ""
+    ignore_eos: bool = False
+    sampler: Sampler | None = None  # built by the submitter, so bad settings fail there
+    submitted: float = field(default_factory=time.perf_counter)
+    # filled in by the worker
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class RequestHandle:
+    """Iterate for GenerationChunks; ``result()`` waits for the final GenerationResult."""
+
+    def __init__(self, request: Request, scheduler: Scheduler) -> None:
+        self.request = request
+        self._scheduler = scheduler
+        self._finished = False
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        try:
+            while not self._finished:
+                item = self.request.events.get()
+                if item is _DONE:
+                    self._finished = True
+                    if self.request.error is not None:
+                        raise self.request.error
+                    return
+                yield item
+        finally:
+            if not self._finished:  # the caller stopped early (break, exception, close)
+                self.cancel()
+
+    def result(self) -> GenerationResult:
+        for _ in self:
+            pass
+        assert self.request.result is not None
+        return self.request.result
+
+    def cancel(self) -> None:
+        self.request.cancel()
+        self._scheduler.wake()
+
+
+class _StopMatcher:
+    """Incremental UTF-8 text with stop strings held back until decided."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.held = ""
+        self.text: list[str] = []
+
+    def feed(self, data: bytes, final: bool = False) -> tuple[str, bool]:
+        """Returns (text safe to emit now, hit a stop string)."""
+        self.held += self.decoder.decode(data, final)
+        if self.stops:
+            cut = -1
+            for s in self.stops:
+                i = self.held.find(s)
+                if i != -1 and (cut == -1 or i < cut):
+                    cut = i
+            if cut != -1:
+                out = self.held[:cut]
+                self.held = ""
+                self.text.append(out)
+                return out, True
+            if not final:
+                keep = 0
+                for s in self.stops:
+                    for k in range(min(len(s) - 1, len(self.held)), keep, -1):
+                        if self.held.endswith(s[:k]):
+                            keep = k
+                            break
+                out = self.held[: len(self.held) - keep]
+                self.held = self.held[len(self.held) - keep :]
+                self.text.append(out)
+                return out, False
+        out, self.held = self.held, ""
+        self.text.append(out)
+        return out, False
+
+
+class _Slot:
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.request: Request | None = None
+        self.cache_tokens: list[int] = []  # what this sequence's KV cells hold
+        self.reset()
+
+    def reset(self) -> None:
+        self.sampler: Sampler | None = None
+        self.todo: list[int] = []  # prompt tokens still to decode
+        self.n_past = 0
+        self.generated: list[int] = []
+        self.next_token: int | None = None
+        self.batch_index = -1
+        self.matcher: _StopMatcher | None = None
+        self.limit = 0
+        self.cached = 0
+        self.t_start = 0.0
+        self.t_first = 0.0
+        self.t_prompt_done = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.request is not None
+
+
+class Scheduler:
+    def __init__(self, model: LlamaModel, max_queue: int = 64) -> None:
+        self.model = model
+        self.max_queue = max_queue
+        self.n_ctx_seq = model.n_ctx_seq
+        self.slots = [_Slot(i) for i in range(model.n_seq_max)]
+        self._pending: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._batch = ll.llama_batch_init(model.n_batch, 0, model.n_seq_max)
+        self._batch_cap = model.n_batch
+
+    # -- public ---------------------------------------------------------------------
+
+    def submit(self, request: Request) -> RequestHandle:
+        n_prompt = len(request.prompt_tokens)
+        if n_prompt == 0:
+            raise ContextOverflow("the prompt is empty after tokenization")
+        if n_prompt >= self.n_ctx_seq:
+            raise ContextOverflow(
+                f"the prompt has {n_prompt} tokens but the context holds {self.n_ctx_seq} "
+                f"(at least 1 must be left to generate); shorten it or raise n_ctx"
+            )
+        with self._cv:
+            if self._closed:
+                raise EngineError("the model has been unloaded")
+            if len(self._pending) >= self.max_queue:
+                raise Busy(f"too many requests waiting ({len(self._pending)} queued); try again later")
+            self._pending.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="hearth-scheduler", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return RequestHandle(request, self)
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return sum(1 for s in self.slots if s.busy)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        for s in self.slots:
+            if s.request is not None:
+                self._finish(s, "cancelled", Cancelled("the model was unloaded"))
+        while self._pending:
+            r = self._pending.popleft()
+            if r.sampler is not None:
+                r.sampler.close()
+            r.error = Cancelled("the model was unloaded")
+            r.events.put(_DONE)
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+
+    # -- worker ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._pending and not any(s.busy for s in self.slots):
+                    self._cv.wait()
+                if self._closed:
+                    return
+                admitted = self._admit()
+            for slot, req in admitted:
+                self._begin(slot, req)
+            try:
+                self._step()
+            except Exception as e:  # never let the loop die: fail what was in flight
+                log.exception("scheduler step failed")
+                for s in self.slots:
+                    if s.request is not None:
+                        s.cache_tokens = []
+                        self.model.seq_clear(s.seq_id)
+                        self._finish(s, "error", EngineError(f"generation failed: {e}"))
+
+    def _admit(self) -> list[tuple[_Slot, Request]]:
+        """Pick waiting requests for free slots (under the lock), preferring the slot
+        with the longest cached prefix. Cancelled requests are finished here."""
+        for s in self.slots:
+            if s.request is not None and s.request.cancelled.is_set():
+                self._finish(s, "cancelled", None)
+        admitted: list[tuple[_Slot, Request]] = []
+        free = [s for s in self.slots if not s.busy]
+        while self._pending and free:
+            req = self._pending.popleft()
+            if req.cancelled.is_set():
+                if req.sampler is not None:
+                    req.sampler.close()
+                req.error = Cancelled("the request was cancelled")
+                req.events.put(_DONE)
+                continue
+            slot = max(free, key=lambda s: _common_prefix(s.cache_tokens, req.prompt_tokens))
+            free.remove(slot)
+            slot.request = req  # reserve it
+            admitted.append((slot, req))
+        return admitted
+
+    def _begin(self, slot: _Slot, req: Request) -> None:
+        try:
+            self._start(slot, req)
+        except Exception as e:  # a bad request fails alone
+            if slot.sampler is not None:
+                slot.sampler.close()
+            slot.request = None
+            slot.reset()
+            req.error = e if isinstance(e, HearthError) else EngineError(f"cannot start generation: {e}")
+            req.events.put(_DONE)
+
+    def _start(self, slot: _Slot, req: Request) -> None:
+        prompt = req.prompt_tokens
+        keep = _common_prefix(slot.cache_tokens, prompt)
+        keep = min(keep, len(prompt) - 1)  # decode at least one token to get logits
+        slot.reset()
+        slot.request = None
+        slot.sampler = req.sampler if req.sampler is not None else Sampler(self.model, req.sampling)
+        req.sampler = None
+        self.model.seq_clear(slot.seq_id, keep)
+        slot.cache_tokens = prompt[:keep]
+        slot.request = req
+        slot.cached = keep
+        slot.n_past = keep
+        slot.todo = prompt[keep:]
+        room = self.n_ctx_seq - len(prompt)
+        slot.limit = room if req.max_tokens is None else min(req.max_tokens, room)
+        slot.matcher = _StopMatcher(req.stop)
+        slot.t_start = time.perf_counter()
+        if slot.limit == 0:
+            self._finish(slot, "length", None)
+
+    def _step(self) -> None:
+        batch = self._batch
+        n = 0
+        cap = self._batch_cap
+        tok, pos, nseq, seq, logits = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
+        active = [s for s in self.slots if s.busy]
+        # generating slots first: one token each, so nobody's next token waits on a prompt
+        for s in active:
+            if s.next_token is not None and n < cap:
+                tok[n] = s.next_token
+                pos[n] = s.n_past
+                nseq[n] = 1
+                seq[n][0] = s.seq_id
+                logits[n] = 1
+                s.batch_index = n
+                n += 1
+        for s in active:
+            if s.todo and n < cap:
+                take = min(len(s.todo), cap - n)
+                chunk = s.todo[:take]
+                base = s.n_past
+                for j, t in enumerate(chunk):
+                    tok[n] = t
+                    pos[n] = base + j
+                    nseq[n] = 1
+                    seq[n][0] = s.seq_id
+                    logits[n] = 0
+                    n += 1
+                s.todo = s.todo[take:]
+                s.n_past += take
+                s.cache_tokens.extend(chunk)
+                if not s.todo:
+                    logits[n - 1] = 1
+                    s.batch_index = n - 1
+                else:
+                    s.batch_index = -1
+        if n == 0:
+            return
+        batch.n_tokens = n
+        ret = ll.llama_decode(self.model.ctx, batch)
+        if ret != 0:
+            self._decode_failed(ret, active)
+            return
+        now = time.perf_counter()
+        for s in active:
+            if s.batch_index < 0 or s.request is None:
+                continue
+            if s.next_token is not None:  # the token we just decoded is now in the cache
+                s.n_past += 1
+                s.cache_tokens.append(s.next_token)
+            elif s.t_prompt_done == 0.0:
+                s.t_prompt_done = now
+            s.batch_index, idx = -1, s.batch_index
+            try:
+                self._sample(s, idx, now)
+            except Exception as e:  # one request's failure must not touch the others
+                log.exception("sampling failed")
+                self._finish(s, "error", e if isinstance(e, HearthError) else EngineError(f"sampling failed: {e}"))
+
+    def _sample(self, s: _Slot, idx: int, now: float) -> None:
+        req = s.request
+        assert req is not None and s.sampler is not None and s.matcher is not None
+        if req.cancelled.is_set():
+            self._finish(s, "cancelled", None)
+            return
+        token = s.sampler.sample(self.model.ctx, idx)
+        if not s.generated:
+            s.t_first = now
+        if not req.ignore_eos and self.model.is_eog(token):
+            s.next_token = None
+            text, _ = s.matcher.feed(b"", final=True)
+            if text:
+                req.events.put(GenerationChunk(text, []))
+            self._finish(s, "stop", None)
+            return
+        s.generated.append(token)
+        s.next_token = token
+        text, stopped = s.matcher.feed(self.model.token_bytes(token))
+        if stopped:
+            if text:
+                req.events.put(GenerationChunk(text, [token]))
+            s.next_token = None
+            self._finish(s, "stop", None)
+            return
+        if len(s.generated) >= s.limit:
+            tail, stopped = s.matcher.feed(b"", final=True)
+            if text + tail:
+                req.events.put(GenerationChunk(text + tail, [token]))
+            s.next_token = None
+            self._finish(s, "length", None)
+            return
+        req.events.put(GenerationChunk(text, [token]))
+
+    def _decode_failed(self, ret: int, active: list[_Slot]) -> None:
+        msg = {1: "no room left in the KV cache", 2: "aborted"}.get(ret, f"llama_decode returned {ret}")
+        log.error("decode failed: %s", msg)
+        for s in active:
+            # the cache of a failed batch is unknown: forget it
+            s.cache_tokens = []
+            self.model.seq_clear(s.seq_id)
+            self._finish(s, "error", EngineError(f"generation failed: {msg}"))
+
+    def _finish(self, s: _Slot, reason: FinishReason, error: BaseException | None) -> None:
+        req = s.request
+        if req is None:
+            return
+        now = time.perf_counter()
+        if s.sampler is not None:
+            s.sampler.close()
+        if reason in ("cancelled", "error"):
+            # keep only what is known to be in the cache
+            del s.cache_tokens[s.n_past :]
+        n_prompt = len(req.prompt_tokens)
+        n_gen = len(s.generated)
+        t = Timings()
+        t.queue_seconds = max(0.0, s.t_start - req.submitted) if s.t_start else 0.0
+        if s.t_first:
+            t.ttft = s.t_first - req.submitted
+            t.prompt_seconds = s.t_first - s.t_start
+            decoded = n_prompt - s.cached
+            if t.prompt_seconds > 0:
+                t.prompt_tokens_per_second = decoded / t.prompt_seconds
+            t.generation_seconds = now - s.t_first
+            if n_gen > 1 and t.generation_seconds > 0:
+                t.generation_tokens_per_second = (n_gen - 1) / t.generation_seconds
+        t.total_seconds = now - req.submitted
+        text = "".join(s.matcher.text) if s.matcher else ""
+        req.result = GenerationResult(
+            text=text,
+            finish_reason=reason,
+            usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, cached_tokens=s.cached),
+            timings=t,
+            token_ids=list(s.generated),
+            model=req.model_name,
+        )
+        if error is not None:
+            req.error = error
+        elif reason == "cancelled":
+            req.error = Cancelled("the request was cancelled")
+        s.request = None
+        s.reset()
+        req.events.put(_DONE)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

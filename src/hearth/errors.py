@@ -1,0 +1,91 @@
+"""One exception hierarchy for everything hearth refuses or fails at.
+
+Every error a user can cause is a ``HearthError`` with a one-line message. The CLI
+maps ``exit_code`` and the HTTP server maps ``http_status`` in one place each, so no
+front end invents its own mapping.
+"""
+
+from __future__ import annotations
+
+
+class HearthError(Exception):
+    """Base class: a clear, one-line message meant for the user."""
+
+    exit_code: int = 2
+    http_status: int = 400
+    code: str = "hearth_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ModelNotFound(HearthError):
+    """No such file, or a name hearth does not know."""
+
+    http_status = 404
+    code = "model_not_found"
+
+
+class InvalidModel(HearthError):
+    """The file exists but is not a usable model (corrupt, truncated, unsupported)."""
+
+    code = "invalid_model"
+
+
+class UnsupportedFormat(HearthError):
+    """A model format no installed engine can run."""
+
+    code = "unsupported_format"
+
+
+class DoesNotFit(HearthError):
+    """The model (with the requested context) cannot fit in this machine's memory."""
+
+    http_status = 507
+    code = "does_not_fit"
+
+
+class BadRequest(HearthError):
+    """Invalid parameters: sampling settings, grammar, sizes."""
+
+    code = "invalid_request"
+
+
+class ContextOverflow(BadRequest):
+    """The prompt (plus what must be generated) does not fit in the context."""
+
+    code = "context_length_exceeded"
+
+
+class ConfigError(HearthError):
+    """A setting in the config file or the environment has an invalid value."""
+
+    code = "invalid_config"
+
+
+class Busy(HearthError):
+    """Too many requests are waiting; try again later."""
+
+    http_status = 503
+    exit_code = 3
+    code = "busy"
+
+
+class Cancelled(HearthError):
+    """The request was cancelled before it finished."""
+
+    http_status = 499
+    exit_code = 130
+    code = "cancelled"
+
+
+class EngineError(HearthError):
+    """The engine failed in a way that is not the user's fault."""
+
+    http_status = 500
+    exit_code = 1
+    code = "engine_error"
