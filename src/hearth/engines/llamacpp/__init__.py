@@ -51,7 +51,7 @@ class LlamaCppEngine:
 
     # -- generation -----------------------------------------------------------------
 
-    def submit(self, prompt: str | list[int], config: GenerationConfig) -> RequestHandle:
+    def submit(self, prompt: str | list[int], config: GenerationConfig, stream: bool = True) -> RequestHandle:
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if any((not isinstance(t, int)) or t < 0 or t >= self.model.n_vocab for t in tokens):
             raise BadRequest(f"prompt token ids must be in 0..{self.model.n_vocab - 1}")
@@ -64,6 +64,7 @@ class LlamaCppEngine:
             stop=list(config.stop),
             model_name=self.model_name,
             ignore_eos=config.ignore_eos,
+            stream=stream,
         )
         try:
             return self.scheduler.submit(req)
@@ -77,7 +78,7 @@ class LlamaCppEngine:
         return handle.request.result
 
     def generate(self, prompt: str | list[int], config: GenerationConfig) -> GenerationResult:
-        return self.submit(prompt, config).result()
+        return self.submit(prompt, config, stream=False).result()
 
     def close(self) -> None:
         self.scheduler.close()

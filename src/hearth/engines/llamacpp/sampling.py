@@ -4,15 +4,23 @@ The chain runs in C on the context's logits (``llama_sampler_sample``): no per-t
 copy of the logits into Python. Order follows llama.cpp's common defaults:
 logit bias -> penalties -> grammar -> top_k -> top_p -> min_p -> temperature -> dist
 (greedy when temperature is 0).
+
+Plain greedy (no bias, penalties or grammar) skips the chain: ``llama_sampler_sample``
+fills a candidate array of the whole vocabulary on every call (262k entries for
+Gemma 3, ~0.25 ms a token), while an argmax over a zero-copy NumPy view of the same
+logits row takes ~15 us and picks the same token (the first maximum, as llama.cpp's
+greedy sampler does).
 """
 
 from __future__ import annotations
 
+import ctypes
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import llama_cpp as ll
+import numpy as np
 
 from ...errors import BadRequest
 
@@ -112,6 +120,14 @@ class Sampler:
         self.params = params
         self.seed = params.seed if params.seed is not None else random.getrandbits(32)
         self._chain = None
+        self._argmax_vocab = 0
+        if params.greedy and not params.logit_bias and params.grammar is None and (
+            params.json_schema is None
+        ) and params.repeat_penalty == 1.0 and not params.presence_penalty and not (
+            params.frequency_penalty
+        ):
+            self._argmax_vocab = model.n_vocab
+            return
         chain_params = ll.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = ll.llama_sampler_chain_init(chain_params)
@@ -165,10 +181,14 @@ class Sampler:
 
     def sample(self, ctx: object, idx: int) -> int:
         """Sample (and accept) a token from output ``idx`` of the last decode."""
+        if self._argmax_vocab:
+            row = ll.llama_get_logits_ith(ctx, idx)
+            return int(np.ctypeslib.as_array(row, shape=(self._argmax_vocab,)).argmax())
         return ll.llama_sampler_sample(self._chain, ctx, idx)
 
     def accept(self, token: int) -> None:
-        ll.llama_sampler_accept(self._chain, token)
+        if self._chain is not None:
+            ll.llama_sampler_accept(self._chain, token)
 
     def close(self) -> None:
         if self._chain is not None:

@@ -42,6 +42,7 @@ class Request:
     model_name: str = ""
     ignore_eos: bool = False
     sampler: Sampler | None = None  # built by the submitter, so bad settings fail there
+    stream: bool = True  # False: no per-token events, only the final result
     submitted: float = field(default_factory=time.perf_counter)
     # filled in by the worker
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -163,6 +164,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._batch = ll.llama_batch_init(model.n_batch, 0, model.n_seq_max)
         self._batch_cap = model.n_batch
+        self._eog: dict[int, bool] = {}  # token -> is end of generation, filled lazily
 
     # -- public ---------------------------------------------------------------------
 
@@ -362,11 +364,14 @@ class Scheduler:
         token = s.sampler.sample(self.model.ctx, idx)
         if not s.generated:
             s.t_first = now
-        if not req.ignore_eos and self.model.is_eog(token):
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = self.model.is_eog(token)
+        if eog and not req.ignore_eos:
             s.next_token = None
             text, _ = s.matcher.feed(b"", final=True)
             if text:
-                req.events.put(GenerationChunk(text, []))
+                self._emit(req, text, [])
             self._finish(s, "stop", None)
             return
         s.generated.append(token)
@@ -374,18 +379,25 @@ class Scheduler:
         text, stopped = s.matcher.feed(self.model.token_bytes(token))
         if stopped:
             if text:
-                req.events.put(GenerationChunk(text, [token]))
+                self._emit(req, text, [token])
             s.next_token = None
             self._finish(s, "stop", None)
             return
         if len(s.generated) >= s.limit:
             tail, stopped = s.matcher.feed(b"", final=True)
             if text + tail:
-                req.events.put(GenerationChunk(text + tail, [token]))
+                self._emit(req, text + tail, [token])
             s.next_token = None
             self._finish(s, "length", None)
             return
-        req.events.put(GenerationChunk(text, [token]))
+        self._emit(req, text, [token])
+
+    @staticmethod
+    def _emit(req: Request, text: str, tokens: list[int]) -> None:
+        # A non-streaming caller waits for the result alone: waking it per token
+        # would steal a core from llama.cpp's threads.
+        if req.stream:
+            req.events.put(GenerationChunk(text, tokens))
 
     def _decode_failed(self, ret: int, active: list[_Slot]) -> None:
         msg = {1: "no room left in the KV cache", 2: "aborted"}.get(ret, f"llama_decode returned {ret}")
