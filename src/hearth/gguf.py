@@ -479,7 +479,7 @@ def quantization_from_filename(name: str) -> str | None:
 
 
 _BLOCK_SIZE = {name: block for name, block, _ in GGML_TYPES.values()}
-# llama.cpp quantizes a row that is not a multiple of 256 (every row of a small model
+# llama.cpp quantizes a row that is not a multiple of 256 (most rows of a small model
 # such as SmolLM2, n_embd 576) with a 32-block type instead of the k-/i-quant.
 _FALLBACK: dict[str, tuple[str, ...]] = {
     "Q2_K": ("Q4_0", "IQ4_NL"), "Q3_K": ("Q4_0", "IQ4_NL"), "Q4_K": ("Q5_0",),
