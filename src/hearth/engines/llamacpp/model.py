@@ -15,8 +15,9 @@ from ...planner import KV_GGML_TYPE, LoadPlan
 
 log = logging.getLogger("hearth.llama_cpp")
 # llama.cpp's own log is silent unless asked for (hearth -v, HEARTH_DEBUG=1).
+# hearth raises its own one-line errors for what llama.cpp reports.
 if log.level == logging.NOTSET:
-    log.setLevel(logging.ERROR)
+    log.setLevel(logging.CRITICAL)
 
 # enum ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5
 _LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}

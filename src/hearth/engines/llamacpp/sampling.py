@@ -14,8 +14,12 @@ greedy sampler does).
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
+import logging
+import os
 import random
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -113,6 +117,32 @@ ws     ::= | " " | "\n" [ \t]{0,20}
 """
 
 
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence fd 2 for a moment, unless llama.cpp's log was asked for."""
+    if logging.getLogger("hearth.llama_cpp").isEnabledFor(logging.ERROR):
+        yield
+        return
+    with _stderr_lock:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):
+            yield
+            return
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 class Sampler:
     """An owned llama.cpp sampler chain. Free it with ``close()``."""
 
@@ -163,7 +193,8 @@ class Sampler:
         if p.json_schema is not None:
             grammar = json_schema_to_grammar(p.json_schema)
         if grammar is not None:
-            g = ll.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+            with _quiet_stderr():  # llama.cpp's grammar parser prints errors to fd 2
+                g = ll.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
             if not g:
                 raise BadRequest("invalid grammar: llama.cpp could not parse it (see -v for details)")
             self._add(g)
