@@ -262,8 +262,8 @@ def test_library_functions_accept_a_model_or_a_name(model, smollm2_path):
     assert chunks
     info = hearth.get_model_info(smollm2_path)
     assert info.architecture == "llama"
-    est = hearth.estimate_memory_usage(smollm2_path, n_ctx=1024)
-    assert est.kv_ram == 1024 * 30 * 3 * 128 * 2
+    est = hearth.estimate_memory_usage(smollm2_path, n_ctx=1024, parallel=2)
+    assert est.kv_ram == 2 * 1024 * 30 * 3 * 128 * 2  # one KV stream per slot
 
 
 def test_benchmark_inference_reports_speeds_and_memory(model):

@@ -16,6 +16,7 @@ from hearth.errors import BadRequest, DoesNotFit, HearthError
 from hearth.gguf import inspect_model
 from hearth.hardware import GPU, Hardware
 from hearth.planner import (
+    DEFAULT_PARALLEL,
     RAM_HEADROOM,
     VRAM_HEADROOM,
     LoadOptions,
@@ -29,6 +30,27 @@ MiB = 1024**2
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+ONE_SLOT = LoadOptions(parallel=1)  # single-slot plans, to test context and GPU choices alone
+
+
+def test_memory_decides_slots_before_cutting_context(smollm2):
+    # room for 4 slots at 4096 but not at 8192: keeps 4 slots, halves the context
+    four = estimate_memory(smollm2, 4096, parallel=4).ram
+    hw = ram_for_budget(four + MiB)
+    plan = plan_load(smollm2, hw)
+    assert (plan.parallel, plan.n_ctx) == (4, 4096)
+    # room for 8192 cells in all: 2 slots of 4096 rather than one of 8192
+    hw = ram_for_budget(estimate_memory(smollm2, 8192, parallel=1).ram + MiB)
+    assert (plan_load(smollm2, hw).parallel, plan_load(smollm2, hw).n_ctx) == (2, 4096)
+    # too little for 2 slots at a useful context: one slot, as much context as fits
+    hw = ram_for_budget(estimate_memory(smollm2, 4096, parallel=1).ram + MiB)
+    plan = plan_load(smollm2, hw)
+    assert plan.parallel == 1 and plan.n_ctx == 4096
+    assert any("slot" in n for n in plan.notes)
+    # a user's slot count is kept
+    assert plan_load(smollm2, cpu_box(24 * GiB), LoadOptions(parallel=8)).parallel == 8
 
 
 def cpu_box(available: int, total: int | None = None, cores: int = 2, gpus=()) -> Hardware:
@@ -107,9 +129,11 @@ def test_cpu_box_gets_full_trained_context_on_all_physical_cores(smollm2):
     assert plan.kv_type == "f16"
     assert plan.memory.vram == 0
     assert plan.memory.weights_ram == smollm2.weights_bytes
-    assert plan.memory.kv_ram == kv_bytes_f16(smollm2, 8192)
+    # one KV stream of n_ctx cells per slot
+    assert plan.memory.kv_ram == DEFAULT_PARALLEL * kv_bytes_f16(smollm2, 8192)
+    assert plan.n_ctx_total == DEFAULT_PARALLEL * 8192
     assert plan.n_ubatch <= plan.n_batch
-    assert plan.parallel == 1 and plan.use_mmap and not plan.use_mlock
+    assert plan.parallel == DEFAULT_PARALLEL and plan.use_mmap and not plan.use_mlock
     assert plan.notes == []
     assert set(plan.sources.values()) == {"planner"}
     assert_fits(plan, hw)
@@ -172,10 +196,10 @@ def test_any_plan_on_a_small_machine_stays_within_its_budget(available_mib, smol
 
 def test_kv_cache_is_quantized_when_f16_cannot_fit_at_the_smallest_context(smollm2):
     f16 = estimate_memory(smollm2, 512).ram
-    q8 = estimate_memory(smollm2, 512, kv_type="q8_0").ram
+    q8 = estimate_memory(smollm2, 512, kv_type="q8_0", parallel=1).ram
     assert q8 < f16
     hw = ram_for_budget((q8 + f16) // 2)
-    plan = plan_load(smollm2, hw)
+    plan = plan_load(smollm2, hw, ONE_SLOT)
     assert plan.kv_type == "q8_0"
     assert plan.flash_attn is True  # a quantized V cache needs flash attention
     assert any("quantized to q8_0" in n for n in plan.notes)
@@ -197,21 +221,21 @@ def test_without_flash_attention_the_kv_cache_is_never_quantized_to_fit(smollm2)
 def test_tiny_machine_is_refused_with_needed_and_available_amounts(smollm2):
     hw = cpu_box(available=50 * MiB, total=4 * GiB)
     with pytest.raises(DoesNotFit) as info:
-        plan_load(smollm2, hw)
+        plan_load(smollm2, hw, ONE_SLOT)
     msg = str(info.value)
     assert "\n" not in msg
     # what the smallest plan (n_ctx 512, q8_0 cache) needs, and what is left after headroom
-    need = estimate_memory(smollm2, 512, kv_type="q8_0").ram
+    need = estimate_memory(smollm2, 512, kv_type="q8_0", parallel=1).ram
     assert "n_ctx=512" in msg
     assert f"needs {mib(need)} of RAM" in msg
     assert "has 0 MiB of RAM available" in msg
 
 
 def test_refusal_reports_the_budget_that_was_almost_enough(smollm2):
-    need = estimate_memory(smollm2, 512, kv_type="q8_0").ram
+    need = estimate_memory(smollm2, 512, kv_type="q8_0", parallel=1).ram
     budget = need - 10 * MiB
     with pytest.raises(DoesNotFit) as info:
-        plan_load(smollm2, ram_for_budget(budget))
+        plan_load(smollm2, ram_for_budget(budget), ONE_SLOT)
     msg = str(info.value)
     assert f"needs {mib(need)}" in msg
     assert f"has {mib(budget)} of RAM available" in msg
@@ -233,7 +257,7 @@ def test_user_context_that_cannot_fit_is_refused_not_lowered(smollm2):
 
 def test_big_gpu_takes_every_layer_and_most_of_the_memory(smollm2):
     hw = cpu_box(available=24 * GiB, gpus=[gpu(free=20 * GiB, total=24 * GiB)])
-    plan = plan_load(smollm2, hw)
+    plan = plan_load(smollm2, hw, ONE_SLOT)
     assert plan.n_gpu_layers == smollm2.block_count + 1 == 31
     assert plan.n_ctx == 8192
     m = plan.memory
@@ -248,7 +272,7 @@ def test_gpu_with_little_free_memory_gets_some_layers_with_a_note(smollm2):
     # room for about 10 of the 31 layers (plus compute buffers) in VRAM
     budget = estimate_memory(smollm2, 8192, n_gpu_layers=10).vram + MiB
     hw = cpu_box(available=24 * GiB, gpus=[gpu(free=vram_free_for_budget(budget), total=4 * GiB)])
-    plan = plan_load(smollm2, hw)
+    plan = plan_load(smollm2, hw, ONE_SLOT)
     assert 0 < plan.n_gpu_layers < smollm2.block_count + 1
     assert plan.n_gpu_layers == 10
     assert plan.memory.vram > 0 and plan.memory.ram > plan.memory.vram
@@ -266,7 +290,7 @@ def test_gpu_with_almost_no_free_memory_gets_no_layers(smollm2):
 
 def test_free_memory_of_two_gpus_is_summed(smollm2):
     share = estimate_memory(smollm2, 8192, n_gpu_layers=12).vram // 2 + MiB
-    one_small = plan_load(smollm2, cpu_box(24 * GiB, gpus=[gpu(vram_free_for_budget(share), 4 * GiB)]))
+    one_small = plan_load(smollm2, cpu_box(24 * GiB, gpus=[gpu(vram_free_for_budget(share), 4 * GiB)]), ONE_SLOT)
     two_small = plan_load(
         smollm2,
         cpu_box(
@@ -276,8 +300,9 @@ def test_free_memory_of_two_gpus_is_summed(smollm2):
                 gpu(vram_free_for_budget(share), 4 * GiB, index=1),
             ],
         ),
+        ONE_SLOT,
     )
-    one_big = plan_load(smollm2, cpu_box(24 * GiB, gpus=[gpu(vram_free_for_budget(2 * share), 4 * GiB)]))
+    one_big = plan_load(smollm2, cpu_box(24 * GiB, gpus=[gpu(vram_free_for_budget(2 * share), 4 * GiB)]), ONE_SLOT)
     assert two_small.n_gpu_layers == one_big.n_gpu_layers == 12
     assert one_small.n_gpu_layers < two_small.n_gpu_layers
 

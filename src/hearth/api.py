@@ -8,7 +8,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from .config import LOAD_SETTINGS, load_config
 from .engines.base import select_engine
@@ -62,6 +62,24 @@ class Model:
     def generate_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
         text, cfg = self.chat_prompt(messages, config, **kw)
         return self.engine.generate(text, cfg)
+
+    # -- asyncio ------------------------------------------------------------------
+    # Cancelling the awaiting task, or leaving an ``async for`` early, cancels the
+    # request and frees its slot within one scheduler step.
+
+    async def agenerate_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
+        return await self.engine.agenerate(prompt, GenerationConfig.from_kwargs(config, **kw))
+
+    async def agenerate_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
+        text, cfg = self.chat_prompt(messages, config, **kw)
+        return await self.engine.agenerate(text, cfg)
+
+    def astream_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
+        return self.engine.astream(prompt, GenerationConfig.from_kwargs(config, **kw))
+
+    def astream_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
+        text, cfg = self.chat_prompt(messages, config, **kw)
+        return self.engine.astream(text, cfg)
 
     def count_tokens(self, text: str) -> int:
         return len(self.engine.tokenize(text))
@@ -227,9 +245,56 @@ class BenchmarkResult:
     load_seconds: float = 0.0
     peak_rss_bytes: int = 0
     prompts: list[dict[str, Any]] = field(default_factory=list)
+    concurrency: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def benchmark_concurrency(
+    model: Model,
+    levels: Sequence[int],
+    *,
+    n_prompt: int = 512,
+    n_gen: int = 128,
+    seed: int = 1234,
+) -> list[dict[str, Any]]:
+    """Aggregate throughput with ``c`` requests at once, llama-batched-bench style.
+
+    For each level: a prompt phase (``c`` distinct random prompts submitted together,
+    one token each: aggregate prompt tokens/s and mean ttft), then a generation phase
+    (the same prompts again with ``n_gen`` tokens: each slot reuses its cached prompt,
+    so this is ``c`` sequences generating side by side: aggregate generation tokens/s).
+    """
+    if max(levels) > model.plan.parallel:
+        raise BadRequest(f"concurrency {max(levels)} exceeds the model's {model.plan.parallel} slots")
+    need = n_prompt + n_gen + 1
+    if need > model.plan.n_ctx_per_slot:
+        raise BadRequest(f"{n_prompt} + {n_gen} tokens need n_ctx >= {need} per slot")
+    rng = random.Random(seed)
+    n_vocab = model.engine.model.n_vocab  # type: ignore[attr-defined]
+    engine = model.engine
+    out = []
+    for c in levels:
+        prompts = [[rng.randrange(n_vocab) for _ in range(n_prompt)] for _ in range(c)]
+        t0 = time.perf_counter()
+        handles = [engine.submit(p, GenerationConfig(max_tokens=1, temperature=0.0, ignore_eos=True), stream=False) for p in prompts]
+        pp = [h.result() for h in handles]
+        t_pp = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cfg = GenerationConfig(max_tokens=n_gen, temperature=0.0, ignore_eos=True)
+        handles = [engine.submit(p, cfg, stream=False) for p in prompts]
+        tg = [h.result() for h in handles]
+        t_tg = time.perf_counter() - t0
+        out.append({
+            "concurrency": c,
+            "pp_tokens_per_second": c * n_prompt / t_pp,
+            "mean_ttft_seconds": statistics.fmean(r.timings.ttft for r in pp),
+            "tg_tokens_per_second": sum(r.usage.completion_tokens for r in tg) / t_tg,
+            "tg_seconds": t_tg,
+            "cached_tokens": sum(r.usage.cached_tokens for r in tg),
+        })
+    return out
 
 
 def benchmark_inference(
@@ -241,6 +306,7 @@ def benchmark_inference(
     repetitions: int = 3,
     warmup: bool = True,
     seed: int = 1234,
+    concurrency: Sequence[int] = (),
 ) -> BenchmarkResult:
     """Prompt (pp) and generation (tg) tokens/s, ttft and peak memory, llama-bench style.
 
@@ -285,7 +351,10 @@ def benchmark_inference(
         r = m.generate_text(text, max_tokens=n_gen, **greedy)
         per_prompt.append({"prompt": text[:60], **r.timings.to_dict(), **r.usage.to_dict()})
         peak = max(peak, process_rss())
+    levels = benchmark_concurrency(m, concurrency, n_prompt=n_prompt, n_gen=n_gen, seed=seed) if concurrency else []
+    peak = max(peak, process_rss())
     return BenchmarkResult(
+        concurrency=levels,
         model=m.name,
         n_prompt=n_prompt,
         n_gen=n_gen,

@@ -32,6 +32,7 @@ def _load_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-type", dest="kv_type", help="KV cache type (f16, q8_0, q4_0, ...)")
     g.add_argument("--no-mmap", dest="use_mmap", action="store_const", const=False, help="read the model into RAM instead of mapping it")
     g.add_argument("--mlock", dest="use_mlock", action="store_const", const=True, help="lock the model in RAM")
+    g.add_argument("--parallel", "-np", dest="parallel", type=int, help="concurrent requests (slots)")
 
 
 def _gen_flags(p: argparse.ArgumentParser) -> None:
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (default 512)")
     b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (default 128)")
     b.add_argument("-r", "--repetitions", type=int, default=3)
+    b.add_argument("--concurrency", "-c", default=None,
+                   help="comma-separated levels, e.g. 1,2,4,8,16: aggregate tokens/s with that many requests at once")
     b.add_argument("--json", action="store_true")
     _load_flags(b)
 
@@ -98,7 +101,7 @@ def _version() -> str:
 
 
 def _load_wishes(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "n_ubatch", "kv_type", "use_mmap", "use_mlock")
+    keys = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "n_ubatch", "kv_type", "use_mmap", "use_mlock", "parallel")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -276,9 +279,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .errors import BadRequest
 
         raise BadRequest("--repetitions must be >= 1")
+    levels: list[int] = []
+    if args.concurrency:
+        try:
+            levels = sorted({int(x) for x in args.concurrency.split(",") if x.strip()})
+        except ValueError:
+            from .errors import BadRequest
+
+            raise BadRequest(f"--concurrency must be integers like 1,2,4,8, got {args.concurrency!r}") from None
+        if not levels or levels[0] < 1:
+            from .errors import BadRequest
+
+            raise BadRequest("--concurrency levels must be >= 1")
+        # enough slots and cache for the highest level, unless the user said otherwise
+        args.parallel = max(levels)
+        if args.n_ctx is None:  # per slot
+            args.n_ctx = args.n_prompt + args.n_gen + 1
     model = _load(args)
     try:
-        r = benchmark_inference(model, n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions)
+        r = benchmark_inference(model, n_prompt=args.n_prompt, n_gen=args.n_gen,
+                                repetitions=args.repetitions, concurrency=levels)
     finally:
         model.close()
     if args.json:
@@ -289,6 +309,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"pp{r.n_prompt:<5} {r.pp_tokens_per_second:10.1f} tokens/s   ttft {r.ttft_seconds * 1000:.0f} ms")
     if r.n_gen:
         print(f"tg{r.n_gen:<5} {r.tg_tokens_per_second:10.1f} tokens/s")
+    for lv in r.concurrency:
+        print(f"c={lv['concurrency']:<3} pp {lv['pp_tokens_per_second']:8.1f} t/s  "
+              f"tg {lv['tg_tokens_per_second']:8.1f} t/s  mean ttft {lv['mean_ttft_seconds'] * 1000:.0f} ms")
     print(f"peak RSS {_gib(r.peak_rss_bytes)}")
     return 0
 

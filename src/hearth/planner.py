@@ -36,6 +36,7 @@ KV_GGML_TYPE = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q5_1": 7, "q5_0": 6,
                 "q4_1": 3, "q4_0": 2, "iq4_nl": 20}
 
 MIN_CTX = 512
+DEFAULT_PARALLEL = 4  # concurrent requests per model, like llama-server's default
 DEFAULT_BATCH = 2048
 DEFAULT_UBATCH = 512
 # Memory kept free for the OS and other programs; the larger of the two.
@@ -148,7 +149,13 @@ class LoadPlan:
 
     @property
     def n_ctx_per_slot(self) -> int:
-        return self.n_ctx // self.parallel
+        """What one request may use: ``n_ctx`` is per slot."""
+        return self.n_ctx
+
+    @property
+    def n_ctx_total(self) -> int:
+        """The llama.cpp context: one KV stream of ``n_ctx`` cells per slot."""
+        return self.n_ctx * self.parallel
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -188,13 +195,14 @@ def estimate_memory(
     ram_weights = info.weights_bytes - vram_weights
 
     # KV cache
-    ctx = _pad(max(n_ctx, parallel * 256))
-    ctx_seq = ctx // parallel
-    ctx = _pad(ctx_seq) * parallel
+    # n_ctx is per sequence (slot); each slot has its own KV stream of n_ctx cells
+    # (llama.cpp pads each to 256)
+    ctx_seq = _pad(n_ctx)
+    ctx = ctx_seq * parallel
     per_cell_layer = info.head_count_kv * (info.key_length + info.value_length) * KV_TYPES[kv_type]
     swa_cells = ctx
     if info.swa_layers and not swa_full:
-        swa_cells = min(ctx, _pad(info.sliding_window * parallel + n_ubatch))
+        swa_cells = min(ctx, parallel * _pad(info.sliding_window + n_ubatch))
     kv_per_layer = []
     swa_left = info.swa_layers
     # which layers are SWA does not matter for the total unless split over devices;
@@ -281,7 +289,11 @@ def plan_load(
     n_threads_batch = opts.n_threads_batch or n_threads
     src("n_threads", opts.n_threads)
     src("n_threads_batch", opts.n_threads_batch or opts.n_threads)
-    parallel = opts.parallel or 1
+    # Each slot (concurrent request) has its own KV stream of n_ctx cells: a request's
+    # text does not depend on what else runs (a unified cache changes the attention's
+    # rounding with its neighbours). Memory decides slots and per-slot context together.
+    parallel_options = [opts.parallel] if opts.parallel else sorted({DEFAULT_PARALLEL, 2, 1}, reverse=True)
+    parallel = parallel_options[0]
     src("parallel", opts.parallel)
     use_mmap = True if opts.use_mmap is None else opts.use_mmap
     use_mlock = bool(opts.use_mlock)
@@ -304,7 +316,7 @@ def plan_load(
                 f"{info.context_length}; quality may drop"
             )
     else:
-        ctx_options = _ctx_candidates(trained, min(trained, max(MIN_CTX, 256 * parallel)))
+        ctx_options = _ctx_candidates(trained, min(trained, MIN_CTX))
     src("n_ctx", opts.n_ctx)
 
     # a quantized V cache needs flash attention: without it only f16 is an option
@@ -344,44 +356,57 @@ def plan_load(
                 hi = mid - 1
         return lo
 
-    chosen: tuple[int, int, str] | None = None
-    if opts.n_gpu_layers is not None:
-        ngl_fixed = total_layers if opts.n_gpu_layers < 0 else min(opts.n_gpu_layers, total_layers)
-        if ngl_fixed and not gpus:
-            notes.append(
-                "n_gpu_layers was set but llama.cpp has no GPU backend here; running on the CPU"
-            )
-            ngl_fixed = 0
-        for kv in kv_options:
-            for n_ctx in ctx_options:
-                if fits(estimate(n_ctx, ngl_fixed, kv)):
-                    chosen = (n_ctx, ngl_fixed, kv)
-                    break
-            if chosen:
-                break
-    else:
-        # Prefer everything on the GPU at a useful context; then the largest context
-        # that fits at all, with as many layers on the GPU as fit beside it.
-        if gpus:
-            useful = min(trained, 8192) if opts.n_ctx is None else opts.n_ctx
+    def search(ctx_options: list[int]) -> tuple[int, int, str] | None:
+        chosen: tuple[int, int, str] | None = None
+        if opts.n_gpu_layers is not None:
+            ngl_fixed = total_layers if opts.n_gpu_layers < 0 else min(opts.n_gpu_layers, total_layers)
+            if ngl_fixed and not gpus:
+                notes.append(
+                    "n_gpu_layers was set but llama.cpp has no GPU backend here; running on the CPU"
+                )
+                ngl_fixed = 0
             for kv in kv_options:
                 for n_ctx in ctx_options:
-                    if n_ctx < useful:
-                        break
-                    if fits(estimate(n_ctx, total_layers, kv)):
-                        chosen = (n_ctx, total_layers, kv)
+                    if fits(estimate(n_ctx, ngl_fixed, kv)):
+                        chosen = (n_ctx, ngl_fixed, kv)
                         break
                 if chosen:
                     break
-        if chosen is None:
-            for kv in kv_options:
-                for n_ctx in ctx_options:
-                    ngl = max_gpu_layers(n_ctx, kv)
-                    if fits(estimate(n_ctx, ngl, kv)):
-                        chosen = (n_ctx, ngl, kv)
+        else:
+            # Prefer everything on the GPU at a useful context; then the largest context
+            # that fits at all, with as many layers on the GPU as fit beside it.
+            if gpus:
+                useful = min(trained, 8192) if opts.n_ctx is None else opts.n_ctx
+                for kv in kv_options:
+                    for n_ctx in ctx_options:
+                        if n_ctx < useful:
+                            break
+                        if fits(estimate(n_ctx, total_layers, kv)):
+                            chosen = (n_ctx, total_layers, kv)
+                            break
+                    if chosen:
                         break
-                if chosen:
-                    break
+            if chosen is None:
+                for kv in kv_options:
+                    for n_ctx in ctx_options:
+                        ngl = max_gpu_layers(n_ctx, kv)
+                        if fits(estimate(n_ctx, ngl, kv)):
+                            chosen = (n_ctx, ngl, kv)
+                            break
+                    if chosen:
+                        break
+
+        return chosen
+
+    chosen = None
+    for i, parallel in enumerate(parallel_options):
+        last = i == len(parallel_options) - 1
+        # more slots only while each still gets a useful context
+        useful = min(trained, 4096)
+        options = ctx_options if last or opts.n_ctx else [c for c in ctx_options if c >= useful]
+        chosen = search(options) if options else None
+        if chosen:
+            break
     src("n_gpu_layers", opts.n_gpu_layers)
 
     if chosen is None:
@@ -400,6 +425,9 @@ def plan_load(
         )
 
     n_ctx, ngl, kv = chosen
+    notes[:] = list(dict.fromkeys(notes))
+    if opts.parallel is None and parallel < parallel_options[0]:
+        notes.append(f"{parallel} concurrent request slot(s) instead of {parallel_options[0]} to fit in memory")
     if opts.n_ctx is None and n_ctx < info.context_length:
         notes.append(
             f"context capped at {n_ctx} of the model's {info.context_length} to fit in memory"

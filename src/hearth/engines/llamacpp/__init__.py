@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from ...chat import ChatTemplate, template_for
 from ...errors import BadRequest
@@ -11,7 +11,7 @@ from ...planner import LoadPlan
 from ...types import GenerationChunk, GenerationConfig, GenerationResult
 from .model import LlamaModel
 from .sampling import Sampler
-from .scheduler import Request, RequestHandle, Scheduler
+from .scheduler import Request, RequestHandle, Scheduler, async_notify
 
 
 class LlamaCppEngine:
@@ -51,7 +51,11 @@ class LlamaCppEngine:
 
     # -- generation -----------------------------------------------------------------
 
-    def submit(self, prompt: str | list[int], config: GenerationConfig, stream: bool = True) -> RequestHandle:
+    def submit(
+        self, prompt: str | list[int], config: GenerationConfig, stream: bool = True, *, asynchronous: bool = False
+    ) -> RequestHandle:
+        """Queue a request. ``asynchronous=True`` (inside an event loop) wakes the loop
+        on each event, for ``async for`` over the handle."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if any((not isinstance(t, int)) or t < 0 or t >= self.model.n_vocab for t in tokens):
             raise BadRequest(f"prompt token ids must be in 0..{self.model.n_vocab - 1}")
@@ -66,8 +70,11 @@ class LlamaCppEngine:
             ignore_eos=config.ignore_eos,
             stream=stream,
         )
+        wake = None
+        if asynchronous:
+            wake, req.notify = async_notify()
         try:
-            return self.scheduler.submit(req)
+            return self.scheduler.submit(req, wake)
         except BaseException:
             req.sampler.close()
             raise
@@ -76,6 +83,14 @@ class LlamaCppEngine:
         handle = self.submit(prompt, config)
         yield from handle
         return handle.request.result
+
+    async def astream(self, prompt: str | list[int], config: GenerationConfig) -> AsyncIterator[GenerationChunk]:
+        handle = self.submit(prompt, config, asynchronous=True)
+        async for chunk in handle:
+            yield chunk
+
+    async def agenerate(self, prompt: str | list[int], config: GenerationConfig) -> GenerationResult:
+        return await self.submit(prompt, config, stream=False, asynchronous=True).aresult()
 
     def generate(self, prompt: str | list[int], config: GenerationConfig) -> GenerationResult:
         return self.submit(prompt, config, stream=False).result()

@@ -79,7 +79,7 @@ class LlamaModel:
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
 
         cp = ll.llama_context_default_params()
-        cp.n_ctx = plan.n_ctx
+        cp.n_ctx = plan.n_ctx_total  # one KV stream of plan.n_ctx cells per slot
         cp.n_batch = plan.n_batch
         cp.n_ubatch = plan.n_ubatch
         cp.n_seq_max = plan.parallel
@@ -93,7 +93,7 @@ class LlamaModel:
             else (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if plan.flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         )
         cp.swa_full = plan.swa_full
-        cp.kv_unified = plan.parallel > 1
+        cp.kv_unified = False  # per-slot streams: a request's text does not depend on its neighbours
         cp.no_perf = True
         ctx = ll.llama_init_from_model(model, cp)
         if not ctx:

@@ -12,6 +12,7 @@ one model at once.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import collections
 import logging
@@ -19,7 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import llama_cpp as ll
 
@@ -43,6 +44,7 @@ class Request:
     ignore_eos: bool = False
     sampler: Sampler | None = None  # built by the submitter, so bad settings fail there
     stream: bool = True  # False: no per-token events, only the final result
+    notify: Callable[[], None] | None = None  # called after each event (asyncio wake-up)
     submitted: float = field(default_factory=time.perf_counter)
     # filled in by the worker
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -53,14 +55,23 @@ class Request:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def put(self, item: object) -> None:
+        self.events.put(item)
+        if self.notify is not None:
+            try:
+                self.notify()
+            except RuntimeError:  # the caller's event loop is gone
+                self.cancelled.set()
+
 
 class RequestHandle:
     """Iterate for GenerationChunks; ``result()`` waits for the final GenerationResult."""
 
-    def __init__(self, request: Request, scheduler: Scheduler) -> None:
+    def __init__(self, request: Request, scheduler: Scheduler, wake: asyncio.Event | None = None) -> None:
         self.request = request
         self._scheduler = scheduler
         self._finished = False
+        self._wake = wake
 
     def __iter__(self) -> Iterator[GenerationChunk]:
         try:
@@ -85,6 +96,41 @@ class RequestHandle:
     def cancel(self) -> None:
         self.request.cancel()
         self._scheduler.wake()
+
+    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        """Async iteration; needs the request submitted with ``notify`` from ``async_notify``."""
+        wake = self._wake
+        try:
+            while not self._finished:
+                try:
+                    item = self.request.events.get_nowait()
+                except queue.Empty:
+                    wake.clear()
+                    if self.request.events.empty():
+                        await wake.wait()
+                    continue
+                if item is _DONE:
+                    self._finished = True
+                    if self.request.error is not None:
+                        raise self.request.error
+                    return
+                yield item
+        finally:
+            if not self._finished:  # break, aclose() or task cancellation
+                self.cancel()
+
+    async def aresult(self) -> GenerationResult:
+        async for _ in self:
+            pass
+        assert self.request.result is not None
+        return self.request.result
+
+
+def async_notify() -> tuple[asyncio.Event, Callable[[], None]]:
+    """An asyncio.Event and a thread-safe callback that sets it from the worker."""
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    return event, lambda: loop.call_soon_threadsafe(event.set)
 
 
 class _StopMatcher:
@@ -164,11 +210,12 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._batch = ll.llama_batch_init(model.n_batch, 0, model.n_seq_max)
         self._batch_cap = model.n_batch
+        self._kv_full = False  # the last prompt chunk found no room in the KV cache
         self._eog: dict[int, bool] = {}  # token -> is end of generation, filled lazily
 
     # -- public ---------------------------------------------------------------------
 
-    def submit(self, request: Request) -> RequestHandle:
+    def submit(self, request: Request, wake: asyncio.Event | None = None) -> RequestHandle:
         n_prompt = len(request.prompt_tokens)
         if n_prompt == 0:
             raise ContextOverflow("the prompt is empty after tokenization")
@@ -187,7 +234,7 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._run, name="hearth-scheduler", daemon=True)
                 self._thread.start()
             self._cv.notify()
-        return RequestHandle(request, self)
+        return RequestHandle(request, self, wake)
 
     def wake(self) -> None:
         with self._cv:
@@ -215,7 +262,7 @@ class Scheduler:
             if r.sampler is not None:
                 r.sampler.close()
             r.error = Cancelled("the model was unloaded")
-            r.events.put(_DONE)
+            r.put(_DONE)
         if self._batch is not None:
             ll.llama_batch_free(self._batch)
             self._batch = None
@@ -256,7 +303,7 @@ class Scheduler:
                 if req.sampler is not None:
                     req.sampler.close()
                 req.error = Cancelled("the request was cancelled")
-                req.events.put(_DONE)
+                req.put(_DONE)
                 continue
             slot = max(free, key=lambda s: _common_prefix(s.cache_tokens, req.prompt_tokens))
             free.remove(slot)
@@ -273,7 +320,7 @@ class Scheduler:
             slot.request = None
             slot.reset()
             req.error = e if isinstance(e, HearthError) else EngineError(f"cannot start generation: {e}")
-            req.events.put(_DONE)
+            req.put(_DONE)
 
     def _start(self, slot: _Slot, req: Request) -> None:
         prompt = req.prompt_tokens
@@ -297,47 +344,25 @@ class Scheduler:
             self._finish(slot, "length", None)
 
     def _step(self) -> None:
-        batch = self._batch
-        n = 0
-        cap = self._batch_cap
-        tok, pos, nseq, seq, logits = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
         active = [s for s in self.slots if s.busy]
-        # generating slots first: one token each, so nobody's next token waits on a prompt
-        for s in active:
-            if s.next_token is not None and n < cap:
-                tok[n] = s.next_token
-                pos[n] = s.n_past
-                nseq[n] = 1
-                seq[n][0] = s.seq_id
-                logits[n] = 1
-                s.batch_index = n
-                n += 1
-        for s in active:
-            if s.todo and n < cap:
-                take = min(len(s.todo), cap - n)
-                chunk = s.todo[:take]
-                base = s.n_past
-                for j, t in enumerate(chunk):
-                    tok[n] = t
-                    pos[n] = base + j
-                    nseq[n] = 1
-                    seq[n][0] = s.seq_id
-                    logits[n] = 0
-                    n += 1
-                s.todo = s.todo[take:]
-                s.n_past += take
-                s.cache_tokens.extend(chunk)
-                if not s.todo:
-                    logits[n - 1] = 1
-                    s.batch_index = n - 1
-                else:
-                    s.batch_index = -1
+        generating = [s for s in active if s.next_token is not None]
+        # Chunked prefill: while others generate, a prompt gets one ubatch per step so
+        # nobody's next token waits behind a long prompt.
+        budget = self._batch_cap - len(generating)
+        if generating:
+            budget = min(budget, self.model.plan.n_ubatch)
+        if self._kv_full and generating:
+            budget = 0  # the cache is full: let running requests finish first
+        saved = [(s, s.n_past, len(s.cache_tokens), s.todo) for s in active]
+        n = self._fill(generating, [s for s in active if s.todo], budget)
         if n == 0:
             return
-        batch.n_tokens = n
-        ret = ll.llama_decode(self.model.ctx, batch)
+        self._batch.n_tokens = n
+        ret = ll.llama_decode(self.model.ctx, self._batch)
         if ret != 0:
-            self._decode_failed(ret, active)
+            prefilled = any(s.todo is not t for s, _, _, t in saved)
+            self._rollback(saved)
+            self._decode_failed(ret, active, prefilled)
             return
         now = time.perf_counter()
         for s in active:
@@ -354,6 +379,52 @@ class Scheduler:
             except Exception as e:  # one request's failure must not touch the others
                 log.exception("sampling failed")
                 self._finish(s, "error", e if isinstance(e, HearthError) else EngineError(f"sampling failed: {e}"))
+
+    def _fill(self, generating: list[_Slot], prefilling: list[_Slot], budget: int) -> int:
+        """Pack one llama_batch: every generating slot's next token, then prompt chunks."""
+        batch = self._batch
+        tok, pos, nseq, seq, logits = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
+        n = 0
+        for s in generating:
+            tok[n] = s.next_token
+            pos[n] = s.n_past
+            nseq[n] = 1
+            seq[n][0] = s.seq_id
+            logits[n] = 1
+            s.batch_index = n
+            n += 1
+        for s in prefilling:
+            s.batch_index = -1
+            if budget <= 0:
+                continue
+            take = min(len(s.todo), budget)
+            chunk = s.todo[:take]
+            base = s.n_past
+            for j, t in enumerate(chunk):
+                tok[n] = t
+                pos[n] = base + j
+                nseq[n] = 1
+                seq[n][0] = s.seq_id
+                logits[n] = 0
+                n += 1
+            budget -= take
+            s.todo = s.todo[take:]
+            s.n_past += take
+            s.cache_tokens.extend(chunk)
+            if not s.todo:
+                logits[n - 1] = 1
+                s.batch_index = n - 1
+        return n
+
+    def _rollback(self, saved: list[tuple[_Slot, int, int, list[int]]]) -> None:
+        """Undo a failed step: llama.cpp may keep the ubatches that did fit, so drop
+        every cell past what each slot held before the step."""
+        for s, n_past, n_cache, todo in saved:
+            s.n_past = n_past
+            del s.cache_tokens[n_cache:]
+            s.todo = todo
+            s.batch_index = -1
+            self.model.seq_clear(s.seq_id, n_past)
 
     def _sample(self, s: _Slot, idx: int, now: float) -> None:
         req = s.request
@@ -397,13 +468,29 @@ class Scheduler:
         # A non-streaming caller waits for the result alone: waking it per token
         # would steal a core from llama.cpp's threads.
         if req.stream:
-            req.events.put(GenerationChunk(text, tokens))
+            req.put(GenerationChunk(text, tokens))
 
-    def _decode_failed(self, ret: int, active: list[_Slot]) -> None:
+    def _decode_failed(self, ret: int, active: list[_Slot], prefilled: bool) -> None:
+        if ret == 1 and prefilled and any(s.next_token is not None for s in active):
+            # No room for the prompts: hold them back until running requests free cells.
+            log.info("KV cache full: deferring prompt processing")
+            self._kv_full = True
+            return
+        if ret == 1 and len(active) > 1:
+            # Even the next tokens do not fit: fail the request holding the most cells,
+            # so the others can go on.
+            victim = max(active, key=lambda s: s.n_past + len(s.todo))
+            victim.cache_tokens = []
+            self.model.seq_clear(victim.seq_id)
+            held = sum(s.n_past for s in active)
+            self._finish(victim, "error", ContextOverflow(
+                f"the KV cache is full ({held} tokens held by {len(active)} requests in a "
+                f"context of {self.model.n_ctx}); this request was stopped to let the others finish"
+            ))
+            return
         msg = {1: "no room left in the KV cache", 2: "aborted"}.get(ret, f"llama_decode returned {ret}")
         log.error("decode failed: %s", msg)
         for s in active:
-            # the cache of a failed batch is unknown: forget it
             s.cache_tokens = []
             self.model.seq_clear(s.seq_id)
             self._finish(s, "error", EngineError(f"generation failed: {msg}"))
@@ -418,6 +505,7 @@ class Scheduler:
         if reason in ("cancelled", "error"):
             # keep only what is known to be in the cache
             del s.cache_tokens[s.n_past :]
+        self._kv_full = False  # cells may have been freed: prompts may try again
         n_prompt = len(req.prompt_tokens)
         n_gen = len(s.generated)
         t = Timings()
@@ -447,7 +535,7 @@ class Scheduler:
             req.error = Cancelled("the request was cancelled")
         s.request = None
         s.reset()
-        req.events.put(_DONE)
+        req.put(_DONE)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
