@@ -9,8 +9,8 @@ machine hits all of them alike):
   for each level c, c distinct random prompts of P tokens submitted together
   (aggregate prompt tokens/s, mean ttft), then the same prompts again with N tokens
   each: c sequences generating side by side (aggregate generation tokens/s).
-  hearth sizes itself to max(LEVELS) slots, n_ctx max(LEVELS)*(P+N+1), unified KV.
-* ``llama-batched-bench -m PATH -c max(LEVELS)*(P+N+1) -npp P -ntg N -npl LEVELS -t T -kvu``
+  hearth sizes itself to max(LEVELS) slots of P+N+1 tokens each, one KV stream per slot.
+* ``llama-batched-bench -m PATH -c max(LEVELS)*(P+N+1) -npp P -ntg N -npl LEVELS -t T`` (one KV stream per sequence, as hearth)
   (llama.cpp's own reference; S_PP and S_TG are the matching aggregate rates).
 * llama-cpp-python's high-level ``Llama`` in a subprocess, serving c requests of the
   same kind one after another (``create_completion`` with a token-list prompt,
@@ -192,7 +192,7 @@ def run_batched(binary: str, path: str, args, threads: int, flags: list[str], js
     ctx = max(args.levels) * (args.n_prompt + args.n_gen + 1)
     cmd = [binary, "-m", path, "-c", str(ctx), *flags,
            "-npp", str(args.n_prompt), "-ntg", str(args.n_gen), "-npl", ",".join(map(str, args.levels)),
-           "-t", str(threads), "-tb", str(threads), "-kvu"]
+           "-t", str(threads), "-tb", str(threads)]
     if jsonl:
         cmd += ["--output-format", "jsonl"]
     cmd += args.batched_arg
@@ -435,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="flash attention for llama-cpp-python (default: match hearth's plan)")
     ap.add_argument("--no-llama-py", action="store_true", help="skip the llama-cpp-python baseline")
     ap.add_argument("--scale-level", type=int, default=8, help="scaling goal: tg at this level / tg at 1 (default 8)")
-    ap.add_argument("--llama-bin", help="folder holding llama-batched-bench (default: $LLAMA_REF_BIN, else build-llama-reference.sh)")
+    ap.add_argument("--llama-bin", help="folder holding llama-batched-bench"
+                                        " (default: $LLAMA_REF_BIN, else build-llama-reference.sh)")
     ap.add_argument("--hearth", help="hearth CLI (default: the one next to this Python)")
     ap.add_argument("--python", default=sys.executable, help="Python with llama_cpp for the baseline (default: this one)")
     ap.add_argument("--hearth-arg", action="append", default=[], metavar="ARG",
@@ -521,8 +522,8 @@ def run(args) -> int:
         print(f"\n## {model}: {path}")
         print(f"#   threads {threads}; hearth plan: batch {plan['n_batch']}/{plan['n_ubatch']}, kv {plan['kv_type']},"
               f" flash_attn {fa_plan}, mmap {plan.get('use_mmap')}, gpu layers {plan['n_gpu_layers']};"
-              f" with --concurrency: {max(levels)} slots, n_ctx {ctx}, unified KV")
-        print(f"#   llama-batched-bench: -c {ctx} {' '.join(flags)} -kvu")
+              f" with --concurrency: {max(levels)} slots, {ctx} cells in all, one KV stream per slot")
+        print(f"#   llama-batched-bench: -c {ctx} {' '.join(flags)}")
         if not args.no_llama_py:
             print(f"#   llama-cpp-python: n_ctx {args.n_prompt + args.n_gen + 16}, n_batch {plan['n_batch']}/{plan['n_ubatch']},"
                   f" flash_attn {py_fa}, EOS masked by a logits processor")
@@ -593,6 +594,14 @@ def run(args) -> int:
     print("\n## goal check")
     for c in checks:
         print(f"  [{'ok' if c['ok'] else 'MISS'}] {c['check']}: {f3(c['value'])}")
+    wild = [(m["model"], c, k, x) for m in report["models"] for c in levels for k in ("tg", "pp")
+            for x in m["aggregate"][c][f"{k}_ratio_rounds"] if x is not None and not 0.5 <= x <= 2.0]
+    if wild:
+        loads = [r["loadavg_before"] for m in report["models"] for r in m["rounds"]]
+        print(f"  WARNING: {len(wild)} per-round ratio(s) hearth/batched outside 0.5..2 (e.g. {wild[0][0]} c={wild[0][1]}"
+              f" {wild[0][2]} {wild[0][3]:.3f}): some runs were disturbed by other load (1-min load average up to"
+              f" {max(loads):.1f} on {os.cpu_count()} CPUs); these numbers say nothing about hearth, rerun on a quiet machine")
+    report["disturbed_ratios"] = wild
     if not any("tg@" in c["check"] for c in checks):
         print(f"  (scaling goal tg@{args.scale_level}/tg@1 not checked: levels 1 and {args.scale_level} were not both run)")
     print(f"  => {'all goals met' if report['goal_met'] else 'goal NOT met'}"
