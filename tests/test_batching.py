@@ -196,3 +196,15 @@ def test_a_failing_request_ends_alone_and_the_others_finish(model):
         bad.result()
     assert [h.result().usage.completion_tokens for h in good] == [12, 12, 12]
     assert model.generate_text("still alive", max_tokens=3, temperature=0).usage.completion_tokens > 0
+
+
+def test_queue_bound_comes_from_the_environment(smollm2_path, monkeypatch):
+    monkeypatch.setenv("HEARTH_MAX_QUEUE", "0")
+    with hearth.load_model(smollm2_path, n_ctx=512, parallel=1) as m:
+        assert m.engine.scheduler.max_queue == 0
+        cfg = hearth.GenerationConfig(max_tokens=200, temperature=0, ignore_eos=True)
+        running = m.engine.submit("a", cfg)
+        next(iter(running))
+        with pytest.raises(Busy, match="0 queued"):
+            m.engine.submit("b", cfg)
+        running.cancel()

@@ -25,7 +25,7 @@ ModelRef = "Model | str | os.PathLike[str] | None"
 class Model:
     """A loaded model. Thread-safe: any number of threads may generate at once."""
 
-    def __init__(self, name: str, info: ModelInfo, plan: LoadPlan, hardware: Hardware) -> None:
+    def __init__(self, name: str, info: ModelInfo, plan: LoadPlan, hardware: Hardware, max_queue: int = 64) -> None:
         self.name = name
         self.info = info
         self.plan = plan
@@ -34,7 +34,7 @@ class Model:
         if engine == "llama.cpp":
             from .engines.llamacpp import LlamaCppEngine
 
-            self.engine = LlamaCppEngine(info, plan, model_name=name)
+            self.engine = LlamaCppEngine(info, plan, model_name=name, max_queue=max_queue)
         else:  # pragma: no cover - select_engine raises first
             raise BadRequest(f"no engine for {info.path}")
 
@@ -133,7 +133,9 @@ def load_model(
         _load_options({"n_ctx": n_ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, **overrides})
     )
     plan = plan_load(info, hw, wishes)
-    return Model(resolved.name, info, plan, hw)
+    if cfg.max_queue < 0:
+        raise BadRequest(f"max_queue must be >= 0, got {cfg.max_queue}")
+    return Model(resolved.name, info, plan, hw, max_queue=cfg.max_queue)
 
 
 # A small cache so quick_* and name-based calls do not reload on every call.

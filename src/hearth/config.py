@@ -62,6 +62,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("use_mlock", _bool, None, "HEARTH_USE_MLOCK", "lock the model in RAM (default: off)"),
     Setting("numa", _bool, None, "HEARTH_NUMA", "spread work over NUMA nodes (default: off)"),
     Setting("parallel", _int, None, "HEARTH_PARALLEL", "concurrent sequences per model (default: planner)"),
+    Setting("max_queue", _int, 64, "HEARTH_MAX_QUEUE", "requests that may wait for a slot; beyond that, a busy error"),
     Setting("host", _str, "127.0.0.1", "HEARTH_HOST", "address the server listens on"),
     Setting("port", _int, 11435, "HEARTH_PORT", "port the server listens on"),
     Setting("api_key", _str, None, "HEARTH_API_KEY", "require this bearer token on the HTTP API"),

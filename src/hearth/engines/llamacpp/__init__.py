@@ -17,13 +17,13 @@ from .scheduler import Request, RequestHandle, Scheduler, async_notify
 class LlamaCppEngine:
     name = "llama.cpp"
 
-    def __init__(self, info: ModelInfo, plan: LoadPlan, model_name: str = "") -> None:
+    def __init__(self, info: ModelInfo, plan: LoadPlan, model_name: str = "", max_queue: int = 64) -> None:
         self.info = info
         self.plan = plan
         self.model_name = model_name or info.path.name
         self.model = LlamaModel(info, plan)
         try:
-            self.scheduler = Scheduler(self.model)
+            self.scheduler = Scheduler(self.model, max_queue=max_queue)
         except BaseException:
             self.model.close()
             raise

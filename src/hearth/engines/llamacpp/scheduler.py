@@ -227,8 +227,12 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise EngineError("the model has been unloaded")
-            if len(self._pending) >= self.max_queue:
-                raise Busy(f"too many requests waiting ({len(self._pending)} queued); try again later")
+            free = sum(1 for s in self.slots if not s.busy)
+            if len(self._pending) >= self.max_queue + free:
+                raise Busy(
+                    f"too many requests waiting ({max(0, len(self._pending) - free)} queued, "
+                    f"{len(self.slots) - free} running); try again later"
+                )
             self._pending.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="hearth-scheduler", daemon=True)
