@@ -77,15 +77,21 @@ class RequestHandle:
         try:
             while not self._finished:
                 item = self.request.events.get()
-                if item is _DONE:
-                    self._finished = True
-                    if self.request.error is not None:
-                        raise self.request.error
+                if self._done(item):
                     return
                 yield item
         finally:
             if not self._finished:  # the caller stopped early (break, exception, close)
                 self.cancel()
+
+    def _done(self, item: object) -> bool:
+        """True at the end of the stream; raises the request's error if it failed."""
+        if item is not _DONE:
+            return False
+        self._finished = True
+        if self.request.error is not None:
+            raise self.request.error
+        return True
 
     def result(self) -> GenerationResult:
         for _ in self:
@@ -109,10 +115,7 @@ class RequestHandle:
                     if self.request.events.empty():
                         await wake.wait()
                     continue
-                if item is _DONE:
-                    self._finished = True
-                    if self.request.error is not None:
-                        raise self.request.error
+                if self._done(item):
                     return
                 yield item
         finally:
