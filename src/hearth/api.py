@@ -280,11 +280,11 @@ def benchmark_concurrency(
     for c in levels:
         prompts = [[rng.randrange(n_vocab) for _ in range(n_prompt)] for _ in range(c)]
         t0 = time.perf_counter()
-        handles = [engine.submit(p, GenerationConfig(max_tokens=1, temperature=0.0, ignore_eos=True), stream=False) for p in prompts]
+        handles = [engine.submit(p, GenerationConfig(max_tokens=1, temperature=0.0, repeat_penalty=1.0, ignore_eos=True), stream=False) for p in prompts]
         pp = [h.result() for h in handles]
         t_pp = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cfg = GenerationConfig(max_tokens=n_gen, temperature=0.0, ignore_eos=True)
+        cfg = GenerationConfig(max_tokens=n_gen, temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
         handles = [engine.submit(p, cfg, stream=False) for p in prompts]
         tg = [h.result() for h in handles]
         t_tg = time.perf_counter() - t0
@@ -323,7 +323,8 @@ def benchmark_inference(
     peak = process_rss()
     rng = random.Random(seed)
     n_vocab = m.engine.model.n_vocab  # type: ignore[attr-defined]
-    greedy = dict(temperature=0.0, ignore_eos=True)
+    # greedy, no penalties: like llama-bench, measure the model, not the sampler
+    greedy = dict(temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
     if n_prompt >= m.plan.n_ctx_per_slot:
         raise BadRequest(f"n_prompt {n_prompt} does not fit the context ({m.plan.n_ctx_per_slot})")
 

@@ -19,7 +19,7 @@ class GenerationConfig:
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    repeat_penalty: float = 1.1  # Ollama's default: small models loop without it
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repeat_last_n: int = 64
