@@ -249,7 +249,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("", ""),
         ("machine", f"{hw.physical_cores} cores, {_gib(hw.available_ram)} of {_gib(hw.total_ram)} RAM free"
          + "".join(f", {g.name} {_gib(g.free_memory)} free" for g in hw.gpus)),
-        ("plan: n_ctx", str(plan.n_ctx)),
+        ("plan: n_ctx", f"{plan.n_ctx} per request"),
+        ("plan: slots", f"{plan.parallel} concurrent requests"),
         ("plan: gpu layers", f"{plan.n_gpu_layers} of {info.block_count + 1}"),
         ("plan: threads", str(plan.n_threads)),
         ("plan: batch / ubatch", f"{plan.n_batch} / {plan.n_ubatch}"),
