@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     _load_flags(b)
 
+    sv = sub.add_parser("serve", help="serve the OpenAI- and Ollama-compatible HTTP API")
+    sv.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1, HEARTH_HOST)")
+    sv.add_argument("--port", type=int, default=None, help="port (default: 11435, HEARTH_PORT)")
+    sv.add_argument("--model", "-m", dest="models", action="append", default=[],
+                    help="load this model at startup (repeatable); others load on first request")
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: HEARTH_API_KEY)")
+    _load_flags(sv)
+
     cf = sub.add_parser("config", help="show each effective setting and where it came from")
     cf.add_argument("--json", action="store_true")
     return p
@@ -317,6 +325,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .errors import BadRequest
+    from .store import resolve_model
+
+    cfg = load_config({"host": args.host, "port": args.port, "api_key": args.api_key})
+    if not 0 < cfg.port < 65536:
+        raise BadRequest(f"--port must be in 1..65535, got {cfg.port}")
+    for m in args.models:
+        resolve_model(m)  # an unknown model fails here, before the server starts
+    import uvicorn
+
+    from .server import create_app
+
+    app = create_app(args.models, api_key=cfg.api_key, load_options=_load_wishes(args))
+    print(f"hearth: serving on http://{cfg.host}:{cfg.port} (OpenAI API at /v1, Ollama API at /api)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info" if args.verbose else "warning")
+    except OSError as e:
+        raise BadRequest(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from .config import load_config
 
@@ -331,7 +362,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "config": cmd_config, "serve": cmd_serve}
 
 
 def _setup_logging(verbose: int) -> None:

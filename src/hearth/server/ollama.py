@@ -1,0 +1,239 @@
+"""Ollama-compatible API: /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..engines.llamacpp.sampling import JSON_GRAMMAR
+from ..errors import BadRequest, HearthError
+from ..gguf import ModelInfo, inspect_model
+from ..store import resolve_model
+from ..types import GenerationConfig, GenerationResult
+from .pool import Loaded, ModelPool, merge_streams, submit_all, until_disconnected
+from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, _OllamaRequest
+
+router = APIRouter(prefix="/api")
+log = logging.getLogger(__name__)
+
+# Ollama option -> GenerationConfig field
+_OPTIONS = {
+    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+    "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+}
+# accepted and not (yet) applied: loading is planned per model, not per request
+_IGNORED = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap",
+            "use_mlock", "numa", "low_vram", "typical_p", "penalize_newline", "mirostat",
+            "mirostat_tau", "mirostat_eta", "tfs_z", "vocab_only", "f16_kv", "logits_all"}
+
+
+def _pool(request: Request) -> ModelPool:
+    return request.app.state.pool
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _config(req: _OllamaRequest) -> GenerationConfig:
+    kw: dict[str, Any] = {"max_tokens": None}  # Ollama's default: until the model stops
+    for k, v in (req.options or {}).items():
+        if k == "num_predict":
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise BadRequest(f"options.num_predict must be an integer, got {v!r}")
+            kw["max_tokens"] = v if v >= 0 else None  # -1 forever, -2 fill the context
+        elif k in _OPTIONS:
+            kw[_OPTIONS[k]] = v
+        elif k not in _IGNORED:
+            log.debug("ignoring unknown option %s", k)
+    if req.format == "json":
+        kw["grammar"] = JSON_GRAMMAR
+    elif isinstance(req.format, dict):
+        kw["json_schema"] = req.format
+    try:
+        return GenerationConfig.from_kwargs(None, **kw)
+    except TypeError as e:
+        raise BadRequest(f"invalid options: {e}") from None
+
+
+def _final(name: str, r: GenerationResult, load_seconds: float) -> dict[str, Any]:
+    t = r.timings
+    return {
+        "done": True,
+        "done_reason": r.finish_reason,
+        "total_duration": _ns(t.total_seconds + load_seconds),
+        "load_duration": _ns(load_seconds),
+        "prompt_eval_count": r.usage.prompt_tokens,
+        "prompt_eval_duration": _ns(t.prompt_seconds),
+        "eval_count": r.usage.completion_tokens,
+        "eval_duration": _ns(t.generation_seconds),
+    }
+
+
+def _ndjson(obj: Any) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+
+
+async def _run(
+    request: Request, stream: bool, name: str, entry: Loaded, load_s: float,
+    prompt: str, cfg: GenerationConfig, piece: Any,
+) -> Any:
+    """One generation; ``piece(text)`` is the per-chunk body (response or message)."""
+    (handle,) = submit_all(entry.model, [(prompt, cfg)])
+    if not stream:
+        result = await until_disconnected(request, handle.aresult())
+        return JSONResponse({"model": name, "created_at": _now(), **piece(result.text), **_final(name, result, load_s)})
+
+    async def body() -> AsyncIterator[bytes]:
+        events = merge_streams([handle])
+        try:
+            async for _, ch, result in events:
+                if ch is not None and ch.text:
+                    yield _ndjson({"model": name, "created_at": _now(), **piece(ch.text), "done": False})
+                elif result is not None:
+                    yield _ndjson({"model": name, "created_at": _now(), **piece(""), **_final(name, result, load_s)})
+                if await request.is_disconnected():
+                    return
+        except HearthError as e:
+            yield _ndjson({"error": e.message})
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
+
+
+@router.post("/generate")
+async def generate(req: OllamaGenerateRequest, request: Request) -> Any:
+    if req.images:
+        raise BadRequest("images are not supported yet")
+    cfg = _config(req)
+    entry, load_s = await _pool(request).get(req.model)
+    if not req.prompt and not req.system:  # Ollama: an empty prompt just loads the model
+        return JSONResponse({"model": req.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"})
+    if req.raw:
+        prompt = req.prompt
+    else:
+        messages = ([{"role": "system", "content": req.system}] if req.system else [])
+        messages.append({"role": "user", "content": req.prompt})
+        prompt, cfg = entry.model.chat_prompt(messages, cfg)
+    return await _run(request, req.stream, req.model, entry, load_s, prompt, cfg, lambda t: {"response": t})
+
+
+@router.post("/chat")
+async def chat(req: OllamaChatRequest, request: Request) -> Any:
+    if any(m.images for m in req.messages):
+        raise BadRequest("images are not supported yet")
+    if req.tools:
+        raise BadRequest("tools are not supported yet")
+    cfg = _config(req)
+    entry, load_s = await _pool(request).get(req.model)
+    if not req.messages:  # Ollama: no messages just loads the model
+        return JSONResponse({"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                             "done": True, "done_reason": "load"})
+    prompt, cfg = entry.model.chat_prompt([{"role": m.role, "content": m.content} for m in req.messages], cfg)
+    return await _run(request, req.stream, req.model, entry, load_s, prompt, cfg,
+                      lambda t: {"message": {"role": "assistant", "content": t}})
+
+
+# -- what is here ----------------------------------------------------------------------
+
+
+def _digest(info: ModelInfo) -> str:
+    """A stable id without hashing gigabytes: path, size and mtime."""
+    st = info.path.stat()
+    return hashlib.sha256(f"{info.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+
+
+def _details(info: ModelInfo) -> dict[str, Any]:
+    p = info.parameters
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": info.architecture,
+        "families": [info.architecture],
+        "parameter_size": f"{p / 1e9:.1f}B" if p >= 1e9 else f"{p / 1e6:.0f}M",
+        "quantization_level": info.quantization,
+    }
+
+
+def _modified(info: ModelInfo) -> str:
+    return datetime.fromtimestamp(info.path.stat().st_mtime, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+async def _info(name: str) -> ModelInfo:
+    return await asyncio.to_thread(lambda: inspect_model(resolve_model(name).path))
+
+
+@router.get("/tags")
+async def tags(request: Request) -> JSONResponse:
+    pool = _pool(request)
+    infos: dict[str, ModelInfo] = {e.model.name: e.model.info for e in pool.loaded()}
+    for name in pool.installed_names():
+        if name not in infos:
+            try:
+                infos[name] = await _info(name)
+            except HearthError:
+                continue
+    return JSONResponse({"models": [
+        {"name": n, "model": n, "modified_at": _modified(i), "size": i.file_size, "digest": _digest(i), "details": _details(i)}
+        for n, i in infos.items()
+    ]})
+
+
+@router.post("/show")
+async def show(req: OllamaShowRequest) -> JSONResponse:
+    name = req.model or req.name
+    if not name:
+        raise BadRequest("model is required")
+    info = await _info(name)
+    return JSONResponse({
+        "modelfile": f"FROM {info.path}\n",
+        "parameters": "",
+        "template": info.chat_template or "",
+        "details": _details(info),
+        "model_info": {
+            "general.architecture": info.architecture,
+            "general.parameter_count": info.parameters,
+            f"{info.architecture}.context_length": info.context_length,
+            f"{info.architecture}.block_count": info.block_count,
+            f"{info.architecture}.embedding_length": info.embedding_length,
+            f"{info.architecture}.attention.head_count": info.head_count,
+            f"{info.architecture}.attention.head_count_kv": info.head_count_kv,
+        },
+        "capabilities": ["completion"],
+        "modified_at": _modified(info),
+    })
+
+
+@router.get("/ps")
+async def ps(request: Request) -> JSONResponse:
+    out = []
+    for e in _pool(request).loaded():
+        info, plan = e.model.info, e.model.plan
+        mem = plan.memory
+        out.append({
+            "name": e.model.name, "model": e.model.name, "size": mem.ram + mem.vram, "digest": _digest(info),
+            "details": _details(info),
+            "expires_at": "0001-01-01T00:00:00Z",  # TODO(serving): keep_alive; loaded until the server stops
+            "size_vram": mem.vram, "context_length": plan.n_ctx,
+        })
+    return JSONResponse({"models": out})
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    from .. import __version__
+
+    return JSONResponse({"version": __version__})
