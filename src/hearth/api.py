@@ -63,6 +63,14 @@ class Model:
         text, cfg = self.chat_prompt(messages, config, **kw)
         return self.engine.generate(text, cfg)
 
+    def submit(self, prompt: str | list[int], config: GenerationConfig | None = None, *,
+               stream: bool = True, asynchronous: bool = False, **kw: Any):
+        """Queue a request and return its handle (iterate it, ``async for`` it when
+        ``asynchronous``, ``result()``/``aresult()``, ``cancel()``). The front ends use
+        this when they need both the stream and the final result."""
+        cfg = GenerationConfig.from_kwargs(config, **kw)
+        return self.engine.submit(prompt, cfg, stream, asynchronous=asynchronous)
+
     # -- asyncio ------------------------------------------------------------------
     # Cancelling the awaiting task, or leaving an ``async for`` early, cancels the
     # request and frees its slot within one scheduler step.

@@ -124,7 +124,7 @@ def submit_all(model: Model, jobs: list[tuple[str | list[int], GenerationConfig]
     handles: list[RequestHandle] = []
     try:
         for prompt, cfg in jobs:
-            handles.append(model.engine.submit(prompt, cfg, asynchronous=True))  # type: ignore[attr-defined]
+            handles.append(model.submit(prompt, cfg, asynchronous=True))
     except BaseException:
         for h in handles:
             h.cancel()
