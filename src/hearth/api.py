@@ -22,6 +22,19 @@ from .types import GenerationChunk, GenerationConfig, GenerationResult
 ModelRef = "Model | str | os.PathLike[str] | None"
 
 
+@dataclass
+class Embeddings:
+    """What ``Model.embed`` returns: one vector per input, and what it cost."""
+
+    vectors: list[list[float]]
+    token_counts: list[int]
+    seconds: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.token_counts)
+
+
 class Model:
     """A loaded model. Thread-safe: any number of threads may generate at once."""
 
@@ -88,6 +101,19 @@ class Model:
     def astream_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
         text, cfg = self.chat_prompt(messages, config, **kw)
         return self.engine.astream(text, cfg)
+
+    # -- embeddings -----------------------------------------------------------------
+
+    def embed(self, texts: str | Sequence[str | list[int]], *, truncate: bool = False) -> Embeddings:
+        """Unit-length (L2-normalised) mean-pooled embeddings, one per text (or token list).
+
+        A text longer than the model's context is a ContextOverflow unless ``truncate``.
+        Runs on a second context of the same weights, made on first use.
+        """
+        items = [texts] if isinstance(texts, str) else list(texts)
+        t0 = time.perf_counter()
+        vectors, counts = self.engine.embed(items, truncate=truncate)
+        return Embeddings(vectors, counts, time.perf_counter() - t0)
 
     def count_tokens(self, text: str) -> int:
         return len(self.engine.tokenize(text))

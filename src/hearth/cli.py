@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-from typing import Any, Sequence
+
+TYPE_CHECKING = False  # `hearth run` on the daemon imports nothing it does not use
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
 from . import __name__ as _pkg  # noqa: F401
 from .errors import HearthError
 
 PROG = "hearth"
+SERVE_FOREGROUND = "serve-foreground"  # the daemon's own process (hearth.daemon.SERVE_COMMAND)
 
 
 def _gib(n: int) -> str:
@@ -33,6 +36,11 @@ def _load_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-mmap", dest="use_mmap", action="store_const", const=False, help="read the model into RAM instead of mapping it")
     g.add_argument("--mlock", dest="use_mlock", action="store_const", const=True, help="lock the model in RAM")
     g.add_argument("--parallel", "-np", dest="parallel", type=int, help="concurrent requests (slots)")
+
+
+def _daemon_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-daemon", action="store_true",
+                   help="run in this process even when the daemon is up (also HEARTH_NO_DAEMON=1)")
 
 
 def _gen_flags(p: argparse.ArgumentParser) -> None:
@@ -62,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--raw", action="store_true", help="complete the prompt as-is, without the chat template")
     r.add_argument("--system", help="system message")
     r.add_argument("--json", action="store_true", help="print one JSON object: text, finish_reason, usage, timings")
+    _daemon_flag(r)
     _gen_flags(r)
     _load_flags(r)
 
     c = sub.add_parser("chat", help="interactive chat (/bye to leave)")
     c.add_argument("model", nargs="?", help="path to a .gguf or a known name")
     c.add_argument("--system", help="system message")
+    _daemon_flag(c)
     _gen_flags(c)
     _load_flags(c)
 
@@ -93,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load this model at startup (repeatable); others load on first request")
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: HEARTH_API_KEY)")
     _load_flags(sv)
+
+    d = sub.add_parser("daemon", help="keep models loaded in a background server, so run/chat start at once")
+    dsub = d.add_subparsers(dest="daemon_command", metavar="ACTION", required=True)
+    ds = dsub.add_parser("start", help="start the daemon and load its models (default: the configured model)")
+    ds.add_argument("--model", "-m", dest="models", action="append", default=[], help="load this model (repeatable)")
+    _load_flags(ds)
+    dst = dsub.add_parser("status", help="pid, socket, uptime and loaded models (exit 1 when not running)")
+    dst.add_argument("--json", action="store_true")
+    dsp = dsub.add_parser("stop", help="stop after in-flight requests finish")
+    dsp.add_argument("--timeout", type=float, default=None, help="seconds to wait before killing it")
+    dsub.add_parser("reload", help="re-read the config and reload the models; running requests finish first")
+    df = dsub.add_parser(SERVE_FOREGROUND, help=argparse.SUPPRESS)
+    df.add_argument("--model", "-m", dest="models", action="append", default=[])
+    _load_flags(df)
 
     cf = sub.add_parser("config", help="show each effective setting and where it came from")
     cf.add_argument("--json", action="store_true")
@@ -125,9 +149,9 @@ def _file_or_text(v: str | None) -> str | None:
     return v
 
 
-def _gen_config(args: argparse.Namespace):
+def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation flags as GenerationConfig keywords (validated where they are used)."""
     from .errors import BadRequest
-    from .types import GenerationConfig
 
     kw: dict[str, Any] = {"max_tokens": args.max_tokens}
     for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop"):
@@ -143,7 +167,30 @@ def _gen_config(args: argparse.Namespace):
             kw["json_schema"] = json.loads(schema)
         except json.JSONDecodeError as e:
             raise BadRequest(f"--json-schema is not valid JSON: {e.msg} at line {e.lineno}") from None
-    return GenerationConfig.from_kwargs(None, **kw)
+    return kw
+
+
+def _gen_config(args: argparse.Namespace):
+    from .types import GenerationConfig
+
+    return GenerationConfig.from_kwargs(None, **_gen_kwargs(args))
+
+
+# load flags -> the same flags for the daemon's process
+_LOAD_ARGV = {"n_ctx": "--n-ctx", "n_threads": "--threads", "n_gpu_layers": "--gpu-layers", "n_batch": "--batch-size",
+              "n_ubatch": "--ubatch-size", "kv_type": "--kv-type", "parallel": "--parallel"}
+
+
+def _load_argv(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for k, v in _load_wishes(args).items():
+        if k == "use_mmap":
+            out.append("--no-mmap")
+        elif k == "use_mlock":
+            out.append("--mlock")
+        else:
+            out += [_LOAD_ARGV[k], str(v)]
+    return out
 
 
 def _load(args: argparse.Namespace):
@@ -175,6 +222,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if prompt is None:
         return cmd_chat(args)
+    client = _daemon_client(args)
+    if client is not None:
+        with client:
+            return _run_on_daemon(client, args, prompt)
+    _setup_logging(args.verbose)
     cfg = _gen_config(args)  # validate before loading anything
     model = _load(args)
     try:
@@ -195,6 +247,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    client = _daemon_client(args)
+    if client is not None:
+        with client:
+            return _chat_on_daemon(client, args)
+    _setup_logging(args.verbose)
     cfg = _gen_config(args)
     model = _load(args)
     history: list[dict[str, str]] = []
@@ -229,6 +286,166 @@ def cmd_chat(args: argparse.Namespace) -> int:
     finally:
         model.close()
     return 0
+
+
+# -- run and chat on the daemon (stdlib only: nothing heavy is imported on this path) ---
+
+
+def _daemon_client(args: argparse.Namespace):
+    """A connection to the daemon when one is up and may serve this command, else None.
+
+    Loading flags (--n-ctx, --gpu-layers, ...) run in-process: the daemon's models are
+    already planned and loaded with its own settings."""
+    from .client import DaemonClient, daemon_disabled
+
+    if getattr(args, "no_daemon", False) or daemon_disabled() or _load_wishes(args):
+        return None
+    return DaemonClient.connect()
+
+
+def _model_spec(model: str | None) -> str | None:
+    """A relative path means the caller's directory, not the daemon's."""
+    if model and os.path.exists(model):
+        return os.path.abspath(model)
+    return model
+
+
+def _daemon_stream(client, request: dict[str, Any], echo: bool) -> dict[str, Any]:
+    """Stream one generation from the daemon; returns its result (GenerationResult.to_dict())."""
+    from .client import DaemonError
+
+    out = sys.stdout
+    try:
+        for event in client.generate(request):
+            if "result" in event:
+                if echo:
+                    out.write("\n")
+                    out.flush()
+                return event["result"]
+            if echo:
+                out.write(event["text"])
+                out.flush()
+    except DaemonError as e:
+        raise _DaemonRefused(e.message, e.status) from None
+    except (OSError, ValueError) as e:  # the daemon went away mid-request, or sent garbage
+        raise _DaemonRefused(f"lost the daemon: {e or type(e).__name__}", 500) from None
+    raise _DaemonRefused("the daemon sent no result", 500)  # pragma: no cover
+
+
+class _DaemonRefused(HearthError):
+    """A daemon's error, with the exit code its HTTP status stands for."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.exit_code = {503: 3, 499: 130}.get(status, 1 if status >= 500 else 2)
+
+
+def _run_on_daemon(client, args: argparse.Namespace, prompt: str) -> int:
+    request: dict[str, Any] = {"model": _model_spec(args.model), "config": _gen_kwargs(args)}
+    if args.raw:
+        request.update(prompt=prompt, raw=True)
+    else:
+        request.update(prompt=prompt, system=args.system)
+    result = _daemon_stream(client, request, echo=not args.json)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def _chat_on_daemon(client, args: argparse.Namespace) -> int:
+    kw = _gen_kwargs(args)
+    model = _model_spec(args.model)
+    history: list[dict[str, str]] = []
+    if getattr(args, "system", None):
+        history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"{args.model or 'default model'} · on the daemon · /bye to leave, /clear to forget", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/bye", "/exit", "/quit"):
+            break
+        if line == "/clear":
+            history = [m for m in history if m["role"] == "system"]
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            result = _daemon_stream(client, {"model": model, "messages": history, "config": kw}, echo=True)
+        except _DaemonRefused as e:
+            history.pop()
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            if e.exit_code == 1:  # the daemon is gone: no point going on
+                return 1
+            continue
+        history.append({"role": "assistant", "content": result.get("text", "")})
+    return 0
+
+
+# -- the daemon ---------------------------------------------------------------------------
+
+
+def _ago(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 86400}d {s % 86400 // 3600}h" if s >= 86400 else (
+        f"{s // 3600}h {s % 3600 // 60}m" if s >= 3600 else f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s")
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    print(f"running  pid {st['pid']} · up {_ago(st['uptime_seconds'])} · {st['socket']}")
+    print(f"memory   {_gib(st['rss_bytes'])} resident")
+    if not st["models"]:
+        print("models   none loaded")
+    for m in st["models"]:
+        vram = f" + {_gib(m['vram_bytes'])} VRAM" if m["vram_bytes"] else ""
+        print(f"model    {m['name']} · n_ctx {m['n_ctx']} · {_gib(m['ram_bytes'])} RAM{vram} · {m['path']}")
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from . import daemon
+
+    action = args.daemon_command
+    if action == SERVE_FOREGROUND:
+        return daemon.serve_foreground(args.models, _load_wishes(args), args.verbose)
+    if action == "start":
+        st = daemon.start(args.models, _load_argv(args), verbose=args.verbose)
+        for what in st.get("cleaned") or []:
+            print(f"{PROG}: removed stale {what}", file=sys.stderr)
+        if st.get("already_running"):
+            print(f"{PROG}: the daemon is already running (pid {st['pid']}); "
+                  "`hearth daemon reload` or `hearth daemon stop` first to change it", file=sys.stderr)
+        _print_status(st)
+        return 0
+    if action == "status":
+        st = daemon.status()
+        if args.json:
+            print(json.dumps(st, indent=2))
+        elif st["running"]:
+            _print_status(st)
+        else:
+            print(f"not running ({st['socket']})")
+            for what in st["stale"]:
+                print(f"stale    {what}; `hearth daemon start` removes it")
+        return 0 if st["running"] else 1
+    if action == "stop":
+        r = daemon.stop(**({"timeout": args.timeout} if args.timeout is not None else {}))
+        if "stopped" in r:
+            print(f"stopped (pid {r['stopped']}{', killed after the timeout' if r['killed'] else ''})")
+        else:
+            for what in r.get("cleaned") or []:
+                print(f"{PROG}: removed stale {what}", file=sys.stderr)
+            print("not running")
+        return 0
+    if action == "reload":
+        r = daemon.reload()
+        print(f"reloaded {', '.join(r['reloaded']) or 'no models'} in {r['seconds']:.2f}s")
+        return 0
+    raise AssertionError(action)  # pragma: no cover - argparse allows only the above
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -362,10 +579,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "config": cmd_config, "serve": cmd_serve}
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "config": cmd_config, "serve": cmd_serve,
+            "daemon": cmd_daemon}
 
 
 def _setup_logging(verbose: int) -> None:
+    import logging
+
     debug = verbose > 0 or os.environ.get("HEARTH_DEBUG", "").lower() in ("1", "true", "yes", "on")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("hearth").setLevel(logging.DEBUG if debug else logging.WARNING)
@@ -380,7 +600,8 @@ def _setup_logging(verbose: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    if args.command not in ("run", "chat"):  # those set it up when they run in-process
+        _setup_logging(args.verbose)
     if not args.command:
         parser.print_help()
         return 0

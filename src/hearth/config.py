@@ -66,6 +66,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", _str, "127.0.0.1", "HEARTH_HOST", "address the server listens on"),
     Setting("port", _int, 11435, "HEARTH_PORT", "port the server listens on"),
     Setting("api_key", _str, None, "HEARTH_API_KEY", "require this bearer token on the HTTP API"),
+    Setting("keep_alive", _str, "5m", "HEARTH_KEEP_ALIVE", "how long an idle model stays loaded in the server: seconds or 30s/5m/1h; 0 = unload at once, negative = forever"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 # settings that go to the planner as LoadOptions

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import HearthError
+from ..errors import Busy, HearthError
 from .pool import ModelPool
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ OPEN_PATHS = ("/health",)  # reachable without the API key
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+RETRY_AFTER_SECONDS = 1  # what a Busy (queue full) answer tells the client to wait
 
 
 def is_ollama(path: str) -> bool:
@@ -68,7 +69,8 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HearthError)
     async def _hearth(request: Request, e: HearthError) -> JSONResponse:
-        return JSONResponse(hearth_error_body(request.url.path, e), status_code=e.http_status)
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if isinstance(e, Busy) else None
+        return JSONResponse(hearth_error_body(request.url.path, e), status_code=e.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -156,7 +158,7 @@ def create_app(
     any other model a request names loads on first use. ``load_options`` are the
     planner wishes (n_ctx, parallel, ...) every model is loaded with."""
     from .. import __version__
-    from . import ollama, openai
+    from . import metrics, ollama, openai
 
     startup = list(models or [])
     pool = ModelPool(load_options)
@@ -186,6 +188,7 @@ def create_app(
     app.state.startup_error = None
     _install_error_handlers(app)
     app.add_middleware(GuardMiddleware, api_key=api_key or None)
+    metrics.install(app, pool)  # /metrics, and counts every response (outside the guard)
 
     @app.get("/health")
     async def health() -> JSONResponse:

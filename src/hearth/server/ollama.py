@@ -1,4 +1,5 @@
-"""Ollama-compatible API: /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version."""
+"""Ollama-compatible API: /api/generate, /api/chat, /api/embed, /api/embeddings, /api/tags,
+/api/show, /api/ps, /api/version."""
 
 from __future__ import annotations
 
@@ -6,19 +7,27 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from ..engines.llamacpp.sampling import JSON_GRAMMAR
 from ..errors import BadRequest, HearthError
 from ..gguf import ModelInfo, inspect_model
 from ..store import resolve_model
 from ..types import GenerationConfig, GenerationResult
-from .pool import Loaded, ModelPool, merge_streams, submit_all, until_disconnected
-from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, _OllamaRequest
+from .pool import Lease, LeasedStream, ModelPool, merge_streams, until_disconnected
+from .protocol import (
+    OllamaChatRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+    OllamaGenerateRequest,
+    OllamaShowRequest,
+    _OllamaRequest,
+)
 
 router = APIRouter(prefix="/api")
 log = logging.getLogger(__name__)
@@ -86,12 +95,26 @@ def _ndjson(obj: Any) -> bytes:
     return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
 
 
+async def _leased(request: Request, req: _OllamaRequest, handler: Any) -> Any:
+    """Lease the model (with the request's keep_alive) for ``handler(lease)``'s whole response."""
+    lease = await _pool(request).acquire(req.model, req.keep_alive)
+    try:
+        response = await handler(lease)
+    except BaseException:
+        lease.release()
+        raise
+    if not isinstance(response, LeasedStream):
+        lease.release()
+    return response
+
+
 async def _run(
-    request: Request, stream: bool, name: str, entry: Loaded, load_s: float,
+    request: Request, stream: bool, name: str, lease: Lease,
     prompt: str, cfg: GenerationConfig, piece: Any,
 ) -> Any:
     """One generation; ``piece(text)`` is the per-chunk body (response or message)."""
-    (handle,) = submit_all(entry.model, [(prompt, cfg)])
+    load_s = lease.load_seconds
+    (handle,) = lease.submit([(prompt, cfg)])
     if not stream:
         result = await until_disconnected(request, handle.aresult())
         return JSONResponse({"model": name, "created_at": _now(), **piece(result.text), **_final(name, result, load_s)})
@@ -111,7 +134,7 @@ async def _run(
         finally:
             await events.aclose()
 
-    return StreamingResponse(body(), media_type="application/x-ndjson")
+    return LeasedStream(lease, body(), media_type="application/x-ndjson")
 
 
 @router.post("/generate")
@@ -119,16 +142,19 @@ async def generate(req: OllamaGenerateRequest, request: Request) -> Any:
     if req.images:
         raise BadRequest("images are not supported yet")
     cfg = _config(req)
-    entry, load_s = await _pool(request).get(req.model)
-    if not req.prompt and not req.system:  # Ollama: an empty prompt just loads the model
-        return JSONResponse({"model": req.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"})
-    if req.raw:
-        prompt = req.prompt
-    else:
-        messages = ([{"role": "system", "content": req.system}] if req.system else [])
-        messages.append({"role": "user", "content": req.prompt})
-        prompt, cfg = entry.model.chat_prompt(messages, cfg)
-    return await _run(request, req.stream, req.model, entry, load_s, prompt, cfg, lambda t: {"response": t})
+
+    async def handler(lease: Lease) -> Any:
+        if not req.prompt and not req.system:  # Ollama: an empty prompt just loads (or unloads) the model
+            return JSONResponse({"model": req.model, "created_at": _now(), "response": "", "done": True,
+                                 "done_reason": "unload" if lease.entry.keep_alive == 0 else "load"})
+        prompt, c = req.prompt, cfg
+        if not req.raw:
+            messages = ([{"role": "system", "content": req.system}] if req.system else [])
+            messages.append({"role": "user", "content": req.prompt})
+            prompt, c = lease.model.chat_prompt(messages, cfg)
+        return await _run(request, req.stream, req.model, lease, prompt, c, lambda t: {"response": t})
+
+    return await _leased(request, req, handler)
 
 
 @router.post("/chat")
@@ -138,13 +164,60 @@ async def chat(req: OllamaChatRequest, request: Request) -> Any:
     if req.tools:
         raise BadRequest("tools are not supported yet")
     cfg = _config(req)
-    entry, load_s = await _pool(request).get(req.model)
-    if not req.messages:  # Ollama: no messages just loads the model
-        return JSONResponse({"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                             "done": True, "done_reason": "load"})
-    prompt, cfg = entry.model.chat_prompt([{"role": m.role, "content": m.content} for m in req.messages], cfg)
-    return await _run(request, req.stream, req.model, entry, load_s, prompt, cfg,
-                      lambda t: {"message": {"role": "assistant", "content": t}})
+
+    async def handler(lease: Lease) -> Any:
+        if not req.messages:  # Ollama: no messages just loads (or unloads) the model
+            return JSONResponse({"model": req.model, "created_at": _now(),
+                                 "message": {"role": "assistant", "content": ""}, "done": True,
+                                 "done_reason": "unload" if lease.entry.keep_alive == 0 else "load"})
+        prompt, c = lease.model.chat_prompt([{"role": m.role, "content": m.content} for m in req.messages], cfg)
+        return await _run(request, req.stream, req.model, lease, prompt, c,
+                          lambda t: {"message": {"role": "assistant", "content": t}})
+
+    return await _leased(request, req, handler)
+
+
+async def _embed(request: Request, lease: Lease, inputs: list[str], truncate: bool) -> Any:
+    model = lease.model
+    result = await asyncio.to_thread(model.embed, inputs, truncate=truncate)
+    pool = _pool(request)
+    if pool.on_embed is not None:
+        pool.on_embed(model.name, result.prompt_tokens)
+    return result
+
+
+@router.post("/embed")
+async def embed(req: OllamaEmbedRequest, request: Request) -> Any:
+    inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+    if not inputs:
+        raise BadRequest("input must not be empty")
+
+    async def handler(lease: Lease) -> Any:
+        t0 = time.perf_counter()
+        if req.dimensions is not None and req.dimensions != lease.model.engine.n_embd:
+            raise BadRequest(f"dimensions: this model's embeddings have {lease.model.engine.n_embd} "
+                             f"dimensions, not {req.dimensions}")
+        result = await _embed(request, lease, inputs, req.truncate)
+        return JSONResponse({
+            "model": req.model, "embeddings": result.vectors,
+            "total_duration": _ns(time.perf_counter() - t0 + lease.load_seconds),
+            "load_duration": _ns(lease.load_seconds), "prompt_eval_count": result.prompt_tokens,
+        })
+
+    return await _leased(request, req, handler)
+
+
+@router.post("/embeddings")
+async def embeddings(req: OllamaEmbeddingsRequest, request: Request) -> Any:
+    """The older endpoint: one prompt, one vector (an empty prompt: an empty vector)."""
+
+    async def handler(lease: Lease) -> Any:
+        if not req.prompt:
+            return JSONResponse({"embedding": []})
+        result = await _embed(request, lease, [req.prompt], True)
+        return JSONResponse({"embedding": result.vectors[0]})
+
+    return await _leased(request, req, handler)  # type: ignore[arg-type]
 
 
 # -- what is here ----------------------------------------------------------------------
@@ -217,16 +290,22 @@ async def show(req: OllamaShowRequest) -> JSONResponse:
     })
 
 
+def _expires(t: float | None) -> str:
+    if t is None:  # never: far in the future, as Ollama shows a negative keep_alive
+        return "2318-01-01T00:00:00Z"
+    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 @router.get("/ps")
 async def ps(request: Request) -> JSONResponse:
     out = []
-    for e in _pool(request).loaded():
+    for e in sorted(_pool(request).loaded(), key=lambda e: -e.last_used):
         info, plan = e.model.info, e.model.plan
         mem = plan.memory
         out.append({
             "name": e.model.name, "model": e.model.name, "size": mem.ram + mem.vram, "digest": _digest(info),
             "details": _details(info),
-            "expires_at": "0001-01-01T00:00:00Z",  # TODO(serving): keep_alive; loaded until the server stops
+            "expires_at": _expires(e.expires_at),
             "size_vram": mem.vram, "context_length": plan.n_ctx,
         })
     return JSONResponse({"models": out})

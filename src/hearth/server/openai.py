@@ -1,8 +1,11 @@
-"""OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions."""
+"""OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import struct
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -13,8 +16,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..engines.llamacpp.sampling import JSON_GRAMMAR
 from ..errors import BadRequest, HearthError
 from ..types import GenerationConfig, GenerationResult, Usage
-from .pool import ModelPool, gather_results, merge_streams, submit_all, until_disconnected
-from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat, _Sampling
+from .pool import Lease, LeasedStream, ModelPool, gather_results, merge_streams, until_disconnected
+from .protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponseFormat,
+    _Sampling,
+)
 
 router = APIRouter(prefix="/v1")
 
@@ -102,7 +112,7 @@ def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-def _stream(request: Request, events: AsyncIterator[bytes]) -> StreamingResponse:
+def _stream(request: Request, events: AsyncIterator[bytes], lease: Lease) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
         try:
             async for data in events:
@@ -115,7 +125,7 @@ def _stream(request: Request, events: AsyncIterator[bytes]) -> StreamingResponse
             await events.aclose()  # type: ignore[attr-defined]
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream",
+    return LeasedStream(lease, body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -150,12 +160,24 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         raise BadRequest("tools are not supported yet")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     cfg = _config(req, max_tokens, req.response_format)
-    entry, _ = await _pool(request).get(req.model)
-    model = entry.model
+    lease = await _pool(request).acquire(req.model)
+    try:
+        response = await _chat(req, request, lease, messages, cfg)
+    except BaseException:
+        lease.release()
+        raise
+    if not isinstance(response, LeasedStream):
+        lease.release()
+    return response
+
+
+async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease,
+                messages: list[dict[str, Any]], cfg: GenerationConfig) -> Any:
+    model = lease.model
     text, cfg = model.chat_prompt(messages, cfg)
     name = req.model or model.name
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    handles = submit_all(model, [(text, c) for c in _per_choice(cfg, req.n)])
+    handles = lease.submit([(text, c) for c in _per_choice(cfg, req.n)])
 
     if not req.stream:
         results = await until_disconnected(request, gather_results(handles))
@@ -193,7 +215,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage([r for r in results if r is not None])})
 
-    return _stream(request, events())
+    return _stream(request, events(), lease)
 
 
 def _prompts(p: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -214,12 +236,24 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
         raise BadRequest("suffix (fill-in-the-middle) is not supported yet")
     prompts = _prompts(req.prompt)
     cfg = _config(req, req.max_tokens if req.max_tokens is not None else 16, req.response_format)
-    entry, _ = await _pool(request).get(req.model)
-    model = entry.model
+    lease = await _pool(request).acquire(req.model)
+    try:
+        response = await _complete(req, request, lease, prompts, cfg)
+    except BaseException:
+        lease.release()
+        raise
+    if not isinstance(response, LeasedStream):
+        lease.release()
+    return response
+
+
+async def _complete(req: CompletionRequest, request: Request, lease: Lease,
+                    prompts: list[str | list[int]], cfg: GenerationConfig) -> Any:
+    model = lease.model
     name = req.model or model.name
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     cfgs = _per_choice(cfg, req.n)
-    handles = submit_all(model, [(p, c) for p in prompts for c in cfgs])  # index = prompt * n + choice
+    handles = lease.submit([(p, c) for p in prompts for c in cfgs])  # index = prompt * n + choice
     echo = [(p if isinstance(p, str) else model.detokenize(p)) if req.echo else "" for p in prompts]
 
     if not req.stream:
@@ -259,4 +293,43 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(results)})
 
-    return _stream(request, events())
+    return _stream(request, events(), lease)
+
+
+def _embedding_inputs(raw: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(raw, str):
+        return [raw]
+    if not raw:
+        raise BadRequest("input must not be empty")
+    if all(isinstance(x, int) for x in raw):
+        return [list(raw)]  # type: ignore[arg-type]
+    return list(raw)  # type: ignore[arg-type]
+
+
+def _b64(vector: list[float]) -> str:
+    """OpenAI's base64 encoding: little-endian float32."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+@router.post("/embeddings")
+async def embeddings(req: EmbeddingRequest, request: Request) -> JSONResponse:
+    inputs = _embedding_inputs(req.input)
+    lease = await _pool(request).acquire(req.model)
+    try:
+        model = lease.model
+        if req.dimensions is not None and req.dimensions != model.engine.n_embd:
+            raise BadRequest(f"dimensions: this model's embeddings have {model.engine.n_embd} dimensions, "
+                             f"not {req.dimensions}")
+        result = await asyncio.to_thread(model.embed, inputs)
+        pool = _pool(request)
+        if pool.on_embed is not None:
+            pool.on_embed(model.name, result.prompt_tokens)
+    finally:
+        lease.release()
+    encode = _b64 if req.encoding_format == "base64" else (lambda v: v)
+    return JSONResponse({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)],
+        "model": req.model or model.name,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    })

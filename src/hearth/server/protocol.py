@@ -89,6 +89,14 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
 
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
 # -- Ollama ---------------------------------------------------------------------------
 
 
@@ -103,7 +111,7 @@ class _OllamaRequest(_Request):
     stream: bool = True
     format: Union[Literal["", "json"], dict[str, Any], None] = None
     options: dict[str, Any] | None = None
-    keep_alive: Union[str, int, float, None] = None  # TODO(serving): eviction timers
+    keep_alive: Union[str, int, float, None] = None  # "5m", seconds; 0 unload after, <0 forever
 
 
 class OllamaGenerateRequest(_OllamaRequest):
@@ -122,3 +130,21 @@ class OllamaChatRequest(_OllamaRequest):
 class OllamaShowRequest(_Request):
     model: str | None = None
     name: str | None = None  # older clients
+
+
+class OllamaEmbedRequest(_Request):
+    model: str = Field(min_length=1)
+    input: Union[str, list[str]]
+    truncate: bool = True  # Ollama's default: cut inputs to the context
+    options: dict[str, Any] | None = None
+    keep_alive: Union[str, int, float, None] = None
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+class OllamaEmbeddingsRequest(_Request):
+    """The older single-prompt endpoint, /api/embeddings."""
+
+    model: str = Field(min_length=1)
+    prompt: str = ""
+    options: dict[str, Any] | None = None
+    keep_alive: Union[str, int, float, None] = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from ...chat import ChatTemplate, template_for
-from ...errors import BadRequest
+from ...errors import BadRequest, ContextOverflow
 from ...gguf import ModelInfo
 from ...planner import LoadPlan
 from ...types import GenerationChunk, GenerationConfig, GenerationResult
@@ -94,6 +94,37 @@ class LlamaCppEngine:
 
     def generate(self, prompt: str | list[int], config: GenerationConfig) -> GenerationResult:
         return self.submit(prompt, config, stream=False).result()
+
+    # -- embeddings -----------------------------------------------------------------
+
+    def embed(self, inputs: Sequence[str | list[int]], truncate: bool = False) -> tuple[list[list[float]], list[int]]:
+        """Unit-length mean-pooled vectors and each input's token count.
+
+        An input longer than the context is refused (``truncate``: cut to fit).
+        """
+        if not inputs:
+            raise BadRequest("input must not be empty")
+        limit = self.plan.n_ctx
+        token_lists: list[list[int]] = []
+        for i, x in enumerate(inputs):
+            tokens = self.tokenize(x) if isinstance(x, str) else list(x)
+            if not tokens:
+                raise BadRequest(f"input {i} is empty")
+            if any((not isinstance(t, int)) or t < 0 or t >= self.model.n_vocab for t in tokens):
+                raise BadRequest(f"input {i}: token ids must be in 0..{self.model.n_vocab - 1}")
+            if len(tokens) > limit:
+                if not truncate:
+                    raise ContextOverflow(
+                        f"input {i} has {len(tokens)} tokens but the context holds {limit}; "
+                        f"shorten it or raise n_ctx"
+                    )
+                tokens = tokens[:limit]
+            token_lists.append(tokens)
+        return self.model.embed(token_lists), [len(t) for t in token_lists]
+
+    @property
+    def n_embd(self) -> int:
+        return self.model.n_embd
 
     def close(self) -> None:
         self.scheduler.close()

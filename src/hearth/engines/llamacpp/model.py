@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
 from pathlib import Path
 
@@ -112,6 +113,11 @@ class LlamaModel:
         self.eos = ll.llama_vocab_eos(self.vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._piece_cache: dict[int, bytes] = {}
+        self.n_embd = ll.llama_model_n_embd(model)
+        # the embedding context: made on first use, beside the generation context
+        self._embed_lock = threading.Lock()
+        self._embed_ctx = None
+        self._embed_n_ctx = 0
 
     # -- vocabulary -----------------------------------------------------------------
 
@@ -157,7 +163,92 @@ class LlamaModel:
     def seq_clear(self, seq_id: int, p0: int = 0) -> None:
         ll.llama_memory_seq_rm(self.memory, seq_id, p0, -1)
 
+    # -- embeddings -----------------------------------------------------------------
+
+    EMBED_MAX_SEQS = 16
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised embeddings, one per token list.
+
+        A second context on the same weights (``embeddings=True``, mean pooling) is
+        made on first use and grown to fit the longest input; inputs are packed as
+        separate sequences into one batch, as many as fit. One call at a time.
+        """
+        with self._embed_lock:
+            if self.model is None:
+                raise EngineError("the model has been unloaded")
+            ctx = self._embedding_context(max(len(t) for t in inputs))
+            n_cap = self._embed_n_ctx
+            mem = ll.llama_get_memory(ctx)
+            batch = ll.llama_batch_init(n_cap, 0, 1)
+            out: list[list[float]] = []
+            try:
+                i = 0
+                while i < len(inputs):
+                    group: list[list[int]] = []
+                    used = 0
+                    while i < len(inputs) and len(group) < self.EMBED_MAX_SEQS and used + len(inputs[i]) <= n_cap:
+                        group.append(inputs[i])
+                        used += len(inputs[i])
+                        i += 1
+                    n = 0
+                    for seq, toks in enumerate(group):
+                        for pos, t in enumerate(toks):
+                            batch.token[n] = t
+                            batch.pos[n] = pos
+                            batch.n_seq_id[n] = 1
+                            batch.seq_id[n][0] = seq
+                            batch.logits[n] = 1
+                            n += 1
+                    batch.n_tokens = n
+                    ll.llama_memory_clear(mem, True)
+                    ret = ll.llama_decode(ctx, batch)
+                    if ret != 0:
+                        raise EngineError(f"embedding failed: llama_decode returned {ret}")
+                    for seq in range(len(group)):
+                        ptr = ll.llama_get_embeddings_seq(ctx, seq)
+                        if not ptr:
+                            raise EngineError("embedding failed: llama.cpp returned no pooled embedding")
+                        vec = ptr[: self.n_embd]
+                        norm = math.sqrt(math.fsum(x * x for x in vec))
+                        out.append([x / norm for x in vec] if norm > 0 else list(vec))
+            finally:
+                ll.llama_batch_free(batch)
+            return out
+
+    def _embedding_context(self, longest: int):
+        if self._embed_ctx is not None and longest <= self._embed_n_ctx:
+            return self._embed_ctx
+        n_ctx = max(512, -(-longest // 256) * 256, self._embed_n_ctx)
+        self._free_embedding_context()
+        plan = self.plan
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_ctx
+        cp.n_ubatch = n_ctx  # a sequence must not be split across ubatches when pooling
+        cp.n_seq_max = self.EMBED_MAX_SEQS
+        cp.kv_unified = True
+        cp.n_threads = plan.n_threads
+        cp.n_threads_batch = plan.n_threads_batch
+        cp.embeddings = True
+        cp.pooling_type = ll.LLAMA_POOLING_TYPE_MEAN
+        cp.no_perf = True
+        ctx = ll.llama_init_from_model(self.model, cp)
+        if not ctx:
+            raise EngineError(f"llama.cpp could not create an embedding context of {n_ctx} tokens")
+        self._embed_ctx, self._embed_n_ctx = ctx, n_ctx
+        return ctx
+
+    def _free_embedding_context(self) -> None:
+        if self._embed_ctx is not None:
+            ll.llama_free(self._embed_ctx)
+            self._embed_ctx = None
+
     def close(self) -> None:
+        lock = getattr(self, "_embed_lock", None)  # absent if __init__ failed early
+        if lock is not None:
+            with lock:
+                self._free_embedding_context()
         if self.ctx is not None:
             ll.llama_free(self.ctx)
             self.ctx = None
