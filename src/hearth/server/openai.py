@@ -76,6 +76,7 @@ def _config(req: _Sampling, max_tokens: int | None, fmt: ResponseFormat | None) 
         "top_k": req.top_k,
         "min_p": req.min_p,
         "repeat_penalty": req.repeat_penalty,
+        "ignore_eos": req.ignore_eos,
         "presence_penalty": req.presence_penalty,
         "frequency_penalty": req.frequency_penalty,
         "stop": req.stop,
