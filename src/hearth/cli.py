@@ -254,38 +254,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     cfg = _gen_config(args)
     model = _load(args)
-    history: list[dict[str, str]] = []
-    if getattr(args, "system", None):
-        history.append({"role": "system", "content": args.system})
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"{model.name} · n_ctx {model.plan.n_ctx} · /bye to leave, /clear to forget", file=sys.stderr)
+
+    def answer(history: list[dict[str, str]]) -> str:
+        text, gcfg = model.chat_prompt(history, cfg)
+        result = _stream_out(model.stream_text(text, gcfg))
+        return result.text if result else ""
+
     try:
-        while True:
-            try:
-                line = input(">>> " if interactive else "")
-            except EOFError:
-                break
-            line = line.strip()
-            if not line:
-                continue
-            if line in ("/bye", "/exit", "/quit"):
-                break
-            if line == "/clear":
-                history = [m for m in history if m["role"] == "system"]
-                continue
-            history.append({"role": "user", "content": line})
-            try:
-                text, gcfg = model.chat_prompt(history, cfg)
-                result = _stream_out(model.stream_text(text, gcfg))
-            except HearthError as e:
-                history.pop()
-                print(f"{PROG}: error: {e}", file=sys.stderr)
-                continue
-            history.append({"role": "assistant", "content": result.text if result else ""})
+        return _chat_loop(args, f"{model.name} · n_ctx {model.plan.n_ctx}", answer)
     finally:
         model.close()
-    return 0
 
 
 # -- run and chat on the daemon (stdlib only: nothing heavy is imported on this path) ---
@@ -355,12 +333,22 @@ def _run_on_daemon(client, args: argparse.Namespace, prompt: str) -> int:
 def _chat_on_daemon(client, args: argparse.Namespace) -> int:
     kw = _gen_kwargs(args)
     model = _model_spec(args.model)
+
+    def answer(history: list[dict[str, str]]) -> str:
+        result = _daemon_stream(client, {"model": model, "messages": history, "config": kw}, echo=True)
+        return result.get("text", "")
+
+    return _chat_loop(args, f"{args.model or 'default model'} · on the daemon", answer)
+
+
+def _chat_loop(args: argparse.Namespace, banner: str, answer) -> int:
+    """Read lines, keep the history, let ``answer(history)`` stream each reply."""
     history: list[dict[str, str]] = []
     if getattr(args, "system", None):
         history.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"{args.model or 'default model'} · on the daemon · /bye to leave, /clear to forget", file=sys.stderr)
+        print(f"{banner} · /bye to leave, /clear to forget", file=sys.stderr)
     while True:
         try:
             line = input(">>> " if interactive else "")
@@ -376,14 +364,14 @@ def _chat_on_daemon(client, args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         try:
-            result = _daemon_stream(client, {"model": model, "messages": history, "config": kw}, echo=True)
-        except _DaemonRefused as e:
+            reply = answer(history)
+        except HearthError as e:
             history.pop()
             print(f"{PROG}: error: {e}", file=sys.stderr)
-            if e.exit_code == 1:  # the daemon is gone: no point going on
+            if isinstance(e, _DaemonRefused) and e.exit_code == 1:  # the daemon is gone
                 return 1
             continue
-        history.append({"role": "assistant", "content": result.get("text", "")})
+        history.append({"role": "assistant", "content": reply})
     return 0
 
 
