@@ -11,7 +11,6 @@ TYPE_CHECKING = False  # `hearth run` on the daemon imports nothing it does not 
 if TYPE_CHECKING:
     from typing import Any, Sequence
 
-from . import __name__ as _pkg  # noqa: F401
 from .errors import HearthError
 
 PROG = "hearth"

@@ -19,7 +19,7 @@ from ..errors import BadRequest, HearthError
 from ..gguf import ModelInfo, inspect_model
 from ..store import resolve_model
 from ..types import GenerationConfig, GenerationResult
-from .pool import Lease, LeasedStream, ModelPool, merge_streams, until_disconnected
+from .pool import Lease, LeasedStream, ModelPool, merge_streams, until_disconnected, with_lease
 from .protocol import (
     OllamaChatRequest,
     OllamaEmbeddingsRequest,
@@ -97,15 +97,7 @@ def _ndjson(obj: Any) -> bytes:
 
 async def _leased(request: Request, req: _OllamaRequest, handler: Any) -> Any:
     """Lease the model (with the request's keep_alive) for ``handler(lease)``'s whole response."""
-    lease = await _pool(request).acquire(req.model, req.keep_alive)
-    try:
-        response = await handler(lease)
-    except BaseException:
-        lease.release()
-        raise
-    if not isinstance(response, LeasedStream):
-        lease.release()
-    return response
+    return await with_lease(_pool(request), req.model, handler, req.keep_alive)
 
 
 async def _run(

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..engines.llamacpp.sampling import JSON_GRAMMAR
 from ..errors import BadRequest, HearthError
 from ..types import GenerationConfig, GenerationResult, Usage
-from .pool import Lease, LeasedStream, ModelPool, gather_results, merge_streams, until_disconnected
+from .pool import Lease, LeasedStream, ModelPool, gather_results, merge_streams, until_disconnected, with_lease
 from .protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -161,15 +161,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         raise BadRequest("tools are not supported yet")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     cfg = _config(req, max_tokens, req.response_format)
-    lease = await _pool(request).acquire(req.model)
-    try:
-        response = await _chat(req, request, lease, messages, cfg)
-    except BaseException:
-        lease.release()
-        raise
-    if not isinstance(response, LeasedStream):
-        lease.release()
-    return response
+    return await with_lease(_pool(request), req.model, lambda lease: _chat(req, request, lease, messages, cfg))
 
 
 async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease,
@@ -237,15 +229,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
         raise BadRequest("suffix (fill-in-the-middle) is not supported yet")
     prompts = _prompts(req.prompt)
     cfg = _config(req, req.max_tokens if req.max_tokens is not None else 16, req.response_format)
-    lease = await _pool(request).acquire(req.model)
-    try:
-        response = await _complete(req, request, lease, prompts, cfg)
-    except BaseException:
-        lease.release()
-        raise
-    if not isinstance(response, LeasedStream):
-        lease.release()
-    return response
+    return await with_lease(_pool(request), req.model, lambda lease: _complete(req, request, lease, prompts, cfg))
 
 
 async def _complete(req: CompletionRequest, request: Request, lease: Lease,

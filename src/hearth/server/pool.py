@@ -432,3 +432,18 @@ async def until_disconnected(request: Request, coro: Awaitable[T]) -> T:
     if not work.done() or work.cancelled():
         raise Cancelled("the client disconnected")
     return work.result()
+
+
+async def with_lease(pool: ModelPool, model: str | None, handler: Callable[[Lease], Awaitable[Any]],
+                     keep_alive: Any = None) -> Any:
+    """Lease ``model`` for ``handler(lease)``'s whole response: a streamed response
+    (LeasedStream) releases the lease when it ends, anything else right away."""
+    lease = await pool.acquire(model, keep_alive)
+    try:
+        response = await handler(lease)
+    except BaseException:
+        lease.release()
+        raise
+    if not isinstance(response, LeasedStream):
+        lease.release()
+    return response
