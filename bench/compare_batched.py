@@ -50,6 +50,7 @@ from compare_llama_bench import (  # noqa: E402  (shared helpers)
     find_hearth,
     find_llama_bin,
     fmt_cmd,
+    guarded,
     hearth_info,
     help_default,
     log,
@@ -449,14 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.n_prompt < 1 or args.n_gen < 2:
         ap.error("--rounds and -p must be >= 1, -n >= 2")
-    try:
-        return run(args)
-    except BenchError as e:
-        log(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+    return guarded(run, args)
 
 
 def default_py_levels(levels: list[int]) -> list[int]:

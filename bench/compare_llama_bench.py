@@ -362,8 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.repetitions < 1 or args.n_prompt < 0 or args.n_gen < 0:
         ap.error("--rounds and -r must be >= 1, -p and -n >= 0")
 
+    return guarded(run, args)
+
+
+def guarded(fn, *args) -> int:
+    """Run a benchmark's main step: a BenchError is one line and exit 1, ^C exit 130."""
     try:
-        return run(args)
+        return fn(*args)
     except BenchError as e:
         log(f"error: {e}")
         return 1

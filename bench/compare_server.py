@@ -39,7 +39,6 @@ import http.client
 import json
 import os
 import platform
-import shlex
 import signal
 import socket
 import statistics
@@ -59,6 +58,7 @@ from compare_llama_bench import (  # noqa: E402  (shared helpers)
     find_hearth,
     find_llama_bin,
     fmt_cmd,
+    guarded,
     help_default,
     log,
     parse_json_out,
@@ -518,13 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     ctx: dict = {"servers": []}
     try:
-        return run(args, ctx)
-    except BenchError as e:
-        log(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+        return guarded(run, args, ctx)
     finally:
         for srv in list(ctx["servers"]):
             srv.stop()

@@ -20,30 +20,13 @@ ollama = pytest.importorskip("ollama")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-from test_server import N_CTX, _Server  # noqa: E402
+from test_server import N_CTX, _Server, client, oclient, server  # noqa: E402,F401  (shared fixtures)
 
 from hearth.errors import BadRequest  # noqa: E402
 from hearth.server import ModelPool, create_app  # noqa: E402
 from hearth.server.pool import parse_keep_alive  # noqa: E402
 
 N_EMBD = 576  # SmolLM2-135M
-
-
-@pytest.fixture(scope="module")
-def server(smollm2_path: Path) -> Iterator[_Server]:
-    app = create_app([str(smollm2_path)], load_options={"n_ctx": N_CTX})
-    with _Server(app) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server: _Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def oclient(server: _Server) -> ollama.Client:
-    return ollama.Client(host=server.url)
 
 
 @pytest.fixture

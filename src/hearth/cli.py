@@ -194,8 +194,15 @@ def _load_argv(args: argparse.Namespace) -> list[str]:
 
 def _load(args: argparse.Namespace):
     from .api import load_model
+    from .config import load_config
 
-    return load_model(args.model, **_load_wishes(args))
+    wishes = _load_wishes(args)
+    if args.command in ("run", "chat") and "parallel" not in wishes and (
+        load_config().sources["parallel"] == "default"
+    ):
+        # one user at a terminal: one slot, so start-up does not clear KV cells for four
+        wishes["parallel"] = 1
+    return load_model(args.model, **wishes)
 
 
 def _stream_out(chunks) -> Any:
