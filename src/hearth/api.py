@@ -16,7 +16,7 @@ from .errors import BadRequest
 from .gguf import ModelInfo, inspect_model
 from .hardware import Hardware, detect_hardware, process_rss
 from .planner import LoadOptions, LoadPlan, MemoryEstimate, estimate_memory, plan_load
-from .store import resolve_model
+from .store import ResolvedModel, resolve_model
 from .types import GenerationChunk, GenerationConfig, GenerationResult
 
 ModelRef = "Model | str | os.PathLike[str] | None"
@@ -38,11 +38,16 @@ class Embeddings:
 class Model:
     """A loaded model. Thread-safe: any number of threads may generate at once."""
 
-    def __init__(self, name: str, info: ModelInfo, plan: LoadPlan, hardware: Hardware, max_queue: int = 64) -> None:
+    def __init__(self, name: str, info: ModelInfo, plan: LoadPlan, hardware: Hardware, max_queue: int = 64,
+                 *, defaults: Mapping[str, Any] | None = None, system: str | None = None) -> None:
         self.name = name
         self.info = info
         self.plan = plan
         self.hardware = hardware
+        # the model's own defaults (an Ollama manifest's params and system prompt): a
+        # call without a config starts from them; their stop strings always apply
+        self.defaults = GenerationConfig.from_kwargs(None, **(defaults or {}))
+        self.system = system
         engine = select_engine(info.path)
         if engine == "llama.cpp":
             from .engines.llamacpp import LlamaCppEngine
@@ -53,17 +58,25 @@ class Model:
 
     # -- generation ---------------------------------------------------------------
 
+    def _config(self, config: GenerationConfig | None, **kw: Any) -> GenerationConfig:
+        cfg = GenerationConfig.from_kwargs(config if config is not None else self.defaults, **kw)
+        if self.defaults.stop and config is not None:
+            cfg.stop = list(dict.fromkeys([*cfg.stop, *self.defaults.stop]))
+        return cfg
+
     def stream_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> Iterator[GenerationChunk]:
-        cfg = GenerationConfig.from_kwargs(config, **kw)
+        cfg = self._config(config, **kw)
         return self.engine.stream(prompt, cfg)
 
     def generate_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
-        cfg = GenerationConfig.from_kwargs(config, **kw)
+        cfg = self._config(config, **kw)
         return self.engine.generate(prompt, cfg)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> tuple[str, GenerationConfig]:
+        if self.system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system}, *messages]
         text, stops = self.engine.render_chat(messages)
-        cfg = GenerationConfig.from_kwargs(config, **kw)
+        cfg = self._config(config, **kw)
         if stops:
             cfg.stop = list(dict.fromkeys([*cfg.stop, *stops]))
         return text, cfg
@@ -81,7 +94,7 @@ class Model:
         """Queue a request and return its handle (iterate it, ``async for`` it when
         ``asynchronous``, ``result()``/``aresult()``, ``cancel()``). The front ends use
         this when they need both the stream and the final result."""
-        cfg = GenerationConfig.from_kwargs(config, **kw)
+        cfg = self._config(config, **kw)
         return self.engine.submit(prompt, cfg, stream, asynchronous=asynchronous)
 
     # -- asyncio ------------------------------------------------------------------
@@ -89,14 +102,14 @@ class Model:
     # request and frees its slot within one scheduler step.
 
     async def agenerate_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
-        return await self.engine.agenerate(prompt, GenerationConfig.from_kwargs(config, **kw))
+        return await self.engine.agenerate(prompt, self._config(config, **kw))
 
     async def agenerate_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
         text, cfg = self.chat_prompt(messages, config, **kw)
         return await self.engine.agenerate(text, cfg)
 
     def astream_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
-        return self.engine.astream(prompt, GenerationConfig.from_kwargs(config, **kw))
+        return self.engine.astream(prompt, self._config(config, **kw))
 
     def astream_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
         text, cfg = self.chat_prompt(messages, config, **kw)
@@ -149,7 +162,7 @@ def _load_options(overrides: Mapping[str, Any]) -> LoadOptions:
 
 
 def load_model(
-    model: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | ResolvedModel | None = None,
     n_ctx: int | None = None,
     n_threads: int | None = None,
     n_gpu_layers: int | None = None,
@@ -160,16 +173,18 @@ def load_model(
     Settings come from flags (these arguments) > environment > config file > planner.
     """
     cfg = load_config()
-    resolved = resolve_model(model if model is not None else cfg.model)
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(model if model is not None else cfg.model)
     info = inspect_model(resolved.path)
     hw = detect_hardware()
-    wishes = cfg.load_options().merged(
+    # the model's own load defaults (an Ollama manifest's num_ctx) < config < arguments
+    wishes = _load_options(resolved.load).merged(cfg.load_options()).merged(
         _load_options({"n_ctx": n_ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, **overrides})
     )
     plan = plan_load(info, hw, wishes)
     if cfg.max_queue < 0:
         raise BadRequest(f"max_queue must be >= 0, got {cfg.max_queue}")
-    return Model(resolved.name, info, plan, hw, max_queue=cfg.max_queue)
+    return Model(resolved.name, info, plan, hw, max_queue=cfg.max_queue,
+                 defaults=resolved.defaults, system=resolved.system)
 
 
 # A small cache so quick_* and name-based calls do not reload on every call.
@@ -232,16 +247,17 @@ def quick_chat(messages: Sequence[Mapping[str, Any]] | str, **kw: Any) -> str:
     return generate_chat(None, messages, **kw).text  # type: ignore[union-attr]
 
 
-def get_model_info(model: str | os.PathLike[str] | None = None) -> ModelInfo:
+def get_model_info(model: str | os.PathLike[str] | ResolvedModel | None = None) -> ModelInfo:
     """Inspect a GGUF file (or known model) without loading its weights."""
     return inspect_model(resolve_model(model).path)
 
 
-def plan_model(model: str | os.PathLike[str] | None = None, **wishes: Any) -> LoadPlan:
+def plan_model(model: str | os.PathLike[str] | ResolvedModel | None = None, **wishes: Any) -> LoadPlan:
     """The LoadPlan hearth would use for this model on this machine."""
     cfg = load_config()
-    info = get_model_info(model if model is not None else cfg.model)
-    opts = cfg.load_options().merged(_load_options(wishes))
+    resolved = resolve_model(model if model is not None else cfg.model)
+    info = inspect_model(resolved.path)
+    opts = _load_options(resolved.load).merged(cfg.load_options()).merged(_load_options(wishes))
     return plan_load(info, detect_hardware(), opts)
 
 

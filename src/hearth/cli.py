@@ -117,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--model", "-m", dest="models", action="append", default=[])
     _load_flags(df)
 
+    m = sub.add_parser("models", help="pull, list, remove and recommend models")
+    msub = m.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    mp = msub.add_parser("pull", help="download a catalog model (NAME[:QUANT]) or hf.co/ORG/REPO[:QUANT]")
+    mp.add_argument("names", nargs="+", metavar="NAME")
+    ml = msub.add_parser("list", help="models that run without a download (embedded, pulled, Ollama's)")
+    ml.add_argument("--catalog", action="store_true", help="list the catalog instead: what can be pulled")
+    ml.add_argument("--json", action="store_true")
+    mr = msub.add_parser("rm", help="delete a model hearth pulled")
+    mr.add_argument("names", nargs="+", metavar="NAME")
+    mc = msub.add_parser("recommend", help="the best catalog model for this machine, and why")
+    mc.add_argument("--code", action="store_true", help="a model for code rather than chat")
+    mc.add_argument("--json", action="store_true")
+
     cf = sub.add_parser("config", help="show each effective setting and where it came from")
     cf.add_argument("--json", action="store_true")
     return p
@@ -202,7 +215,14 @@ def _load(args: argparse.Namespace):
     ):
         # one user at a terminal: one slot, so start-up does not clear KV cells for four
         wishes["parallel"] = 1
-    return load_model(args.model, **wishes)
+    return load_model(_resolve(args.model), **wishes)
+
+
+def _resolve(model: str | None):
+    """The model on disk; a catalog or hf.co model is pulled first, with progress."""
+    from .store import resolve_model
+
+    return resolve_model(model, announce=_say, progress=_Progress())
 
 
 def _stream_out(chunks) -> Any:
@@ -291,6 +311,13 @@ def _model_spec(model: str | None) -> str | None:
     """A relative path means the caller's directory, not the daemon's."""
     if model and os.path.exists(model):
         return os.path.abspath(model)
+    if model:
+        from .store.registry import KNOWN_MODELS
+
+        if model.strip().lower() not in KNOWN_MODELS:
+            from .store import resolve_model
+
+            resolve_model(model, announce=_say, progress=_Progress())  # a catalog or hf.co model not yet here: pull it now
     return model
 
 
@@ -446,9 +473,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .api import get_model_info, plan_model
     from .hardware import detect_hardware
 
-    info = get_model_info(args.model)
+    resolved = _resolve(args.model)
+    info = get_model_info(resolved)
     hw = detect_hardware()
-    plan = plan_model(args.model, **_load_wishes(args))
+    plan = plan_model(resolved, **_load_wishes(args))
     if args.json:
         print(json.dumps({"model": info.to_dict(), "hardware": hw.to_dict(), "plan": plan.to_dict()}, indent=2))
         return 0
@@ -573,8 +601,136 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "config": cmd_config, "serve": cmd_serve,
-            "daemon": cmd_daemon}
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """A download progress line on stderr: redrawn in place on a terminal, every 10%
+    as its own line otherwise (logs, CI). HF_HUB_DISABLE_PROGRESS_BARS=1 silences it."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.tty = sys.stderr.isatty()
+        self.off = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on")
+        self.last: dict[str, int] = {}
+        self.t0: dict[str, float] = {}
+        self.clock = time.monotonic
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if self.off:
+            return
+        now = self.clock()
+        t0 = self.t0.setdefault(name, now)
+        pct = int(done * 100 / total) if total else 0
+        step = pct if self.tty else pct // 10 * 10
+        if self.last.get(name) == step and done != total:
+            return
+        self.last[name] = step
+        rate = done / max(now - t0, 1e-3) / 1e6
+        line = f"{os.path.basename(name)}  {pct:3d}%  {done / 1e6:.0f}/{total / 1e6:.0f} MB  {rate:.0f} MB/s"
+        if self.tty:
+            end = "\n" if done >= total else ""
+            sys.stderr.write(f"\r{line}\033[K{end}")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    import time
+
+    return _ago(time.time() - ts)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .store import installed, remove_model
+
+    action = args.models_command
+    if action == "pull":
+        from .store import local
+
+        from .store import KNOWN_MODELS, resolve_model
+
+        for name in args.names:
+            if name.strip().lower() in KNOWN_MODELS:
+                r = resolve_model(name)
+                print(f"{r.name} is embedded (it comes with hearth's packages): {r.path}")
+                continue
+            before = local.find_stored(name)
+            m = before or local.pull(name, announce=_say, progress=_Progress())
+            verb = "already pulled" if before else "pulled"
+            print(f"{verb} {m.name} ({m.quant}, {_gib(m.size)}): {m.path}")
+        return 0
+    if action == "list":
+        if args.catalog:
+            return _list_catalog(args)
+        problems: list[str] = []
+        models = installed(problems)
+        for p in problems:
+            _say(f"warning: {p}")
+        if args.json:
+            print(json.dumps([m.to_dict() for m in models], indent=2))
+            return 0
+        rows = [(m.name, m.quantization or "?", _gib(m.size) if m.size else "?", m.source,
+                 _when(m.last_used) if m.source in ("catalog", "hf") else "",
+                 str(m.path) if m.path else "(assembled on first use)") for m in models]
+        _table(("NAME", "QUANT", "SIZE", "SOURCE", "LAST USED", "PATH"), rows)
+        return 0
+    if action == "rm":
+        for name in args.names:
+            canon, deleted, kept = remove_model(name)
+            extra = f"; kept {len(kept)} file(s) that were in the Hugging Face cache before" if kept else ""
+            print(f"removed {canon} ({len(deleted)} file(s) deleted{extra})")
+        return 0
+    if action == "recommend":
+        from .store.recommend import recommend
+
+        rec = recommend(tags=("code",) if args.code else ("chat",))
+        if args.json:
+            print(json.dumps(rec.to_dict(), indent=2))
+        else:
+            print(rec.to_text())
+        return 0 if rec.choice is not None else 1
+    raise AssertionError(action)  # pragma: no cover - argparse refuses others
+
+
+def _list_catalog(args: argparse.Namespace) -> int:
+    from .store import local
+    from .store.catalog import load_catalog
+
+    pulled = {m.name for m in local.stored_models()}
+    cat = load_catalog()
+    if args.json:
+        print(json.dumps([{
+            "name": m.name, "description": m.description, "parameters": m.parameters, "license": m.license,
+            "context_length": m.context_length, "tags": list(m.tags), "repo": m.repo,
+            "default_quant": m.default_quant,
+            "quants": {q: {"files": list(v.files), "size": v.size, "sha256": list(v.sha256),
+                           "pulled": local.catalog_ref(m, q) in pulled} for q, v in m.quants.items()},
+        } for m in cat], indent=2))
+        return 0
+    rows = []
+    for m in cat:
+        for q, v in m.quants.items():
+            ref = local.catalog_ref(m, q)
+            rows.append((ref, q, _gib(v.size) if v.size else "?", m.license,
+                         "yes" if ref in pulled else "", m.repo))
+    _table(("NAME", "QUANT", "SIZE", "LICENSE", "PULLED", "REPO"), rows)
+    return 0
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "config": cmd_config,
+            "serve": cmd_serve, "daemon": cmd_daemon, "models": cmd_models}
 
 
 def _setup_logging(verbose: int) -> None:

@@ -89,3 +89,31 @@ class EngineError(HearthError):
     http_status = 500
     exit_code = 1
     code = "engine_error"
+
+
+class DownloadError(HearthError):
+    """A pull failed: no network, offline mode, the hub refused, a bad checksum."""
+
+    http_status = 502
+    exit_code = 1
+    code = "download_failed"
+
+
+class ChecksumMismatch(DownloadError):
+    """A downloaded file's sha256 is not the published one; the file was removed."""
+
+    code = "checksum_mismatch"
+
+
+class DiskFull(DownloadError):
+    """Not enough free disk for a pull (checked before it starts)."""
+
+    http_status = 507
+    code = "disk_full"
+
+
+class NotOwned(HearthError):
+    """``models rm`` on something hearth did not download (Ollama's blobs, a user's file)."""
+
+    http_status = 403
+    code = "not_owned"

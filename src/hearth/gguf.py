@@ -528,9 +528,128 @@ def _name_quantization(gf: GGUFFile, type_counts: Counter[str], type_bytes: Coun
     return "unknown", "tensors", None
 
 
+# llama.cpp's split naming (llama_split_path / llama_split_prefix in src/llama.cpp):
+# "<prefix>-%05d-of-%05d.gguf", parts numbered from 1.
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>[0-9]{5,})-of-(?P<count>[0-9]{5,})\.gguf$")
+
+
+def _split_name(no: int, count: int) -> str:
+    """The suffix llama.cpp gives part ``no`` (0-based) of ``count``."""
+    return f"-{no + 1:05d}-of-{count:05d}.gguf"
+
+
+def _parse_split_name(path: Path) -> tuple[str, int, int] | None:
+    """(prefix, 0-based part number, part count) if ``path`` is named like a part of a
+    split model exactly as llama.cpp names them, else None."""
+    m = _SPLIT_NAME.match(path.name)
+    if not m:
+        return None
+    no, count = int(m.group("no")), int(m.group("count"))
+    if not 1 <= no <= count or path.name != m.group("prefix") + _split_name(no - 1, count):
+        return None  # e.g. 000001 (llama.cpp pads to 5 digits, no more) or part 0
+    return m.group("prefix"), no - 1, count
+
+
+def split_parts(path: str | os.PathLike[str]) -> list[Path]:
+    """Every part of the split model ``path`` belongs to, in order, by llama.cpp's naming.
+
+    ``name-00002-of-00003.gguf`` -> ``[name-00001-of-00003.gguf, name-00002-of-00003.gguf,
+    name-00003-of-00003.gguf]`` (any part gives all of them); any other name -> ``[path]``.
+    Works from the name alone: the files need not exist (a downloader can ask first).
+    """
+    p = Path(path)
+    parsed = _parse_split_name(p)
+    if parsed is None or parsed[2] == 1:
+        return [p]
+    prefix, _, count = parsed
+    return [p.with_name(prefix + _split_name(i, count)) for i in range(count)]
+
+
+def _split_key(gf: GGUFFile, key: str) -> int | None:
+    """An integer split.* key, None when absent; any other type is refused."""
+    if key not in gf.metadata:
+        return None
+    v = gf.metadata[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise InvalidModel(f"{gf.path}: not a valid GGUF file: {key} is {v!r}, not a count")
+    return v
+
+
+def _read_split(gf: GGUFFile) -> GGUFFile:
+    """``gf`` (the file the user gave) joined with the other parts of its split model, as
+    llama.cpp finds and checks them; ``gf`` itself when it is not split."""
+    count = _split_key(gf, "split.count")
+    if count is None or count <= 1:
+        return gf
+    no = _split_key(gf, "split.no")
+    if no is None:  # llama.cpp requires it too
+        raise InvalidModel(f"{gf.path}: split model (split.count {count}) without split.no")
+    first = gf.path
+    if no != 0:
+        parsed = _parse_split_name(gf.path)
+        hint = ""
+        if parsed is not None and parsed[2] == count:
+            hint = f": {gf.path.with_name(parsed[0] + _split_name(0, count))}"
+        raise InvalidModel(
+            f"{gf.path} is part {no + 1} of a {count}-part split model; give its first "
+            f"part{hint or ' (the one whose name ends in ' + _split_name(0, count) + ')'}"
+        )
+    suffix = _split_name(0, count)
+    name = first.name
+    if not name.endswith(suffix) or len(name) == len(suffix):
+        raise InvalidModel(
+            f"{first}: the first part of a {count}-part split model must be named "
+            f"<name>{suffix} (llama.cpp finds the other parts by that name)"
+        )
+    prefix = name[: -len(suffix)]
+    n_tensors = _split_key(gf, "split.tensors.count")
+    if n_tensors is None:
+        raise InvalidModel(f"{first}: split model without split.tensors.count")
+    tensors = list(gf.tensors)
+    names = {t.name for t in tensors}
+    total_size = gf.file_size
+    for i in range(1, count):
+        part = first.with_name(prefix + _split_name(i, count))
+        where = f"part {i + 1} of {count} of split model {first.name}"
+        if not part.is_file():
+            raise InvalidModel(f"{part}: {where} is missing")
+        try:
+            pf = read_gguf(part)  # an InvalidModel from here names the part already
+        except (ModelNotFound, UnsupportedFormat) as e:
+            raise InvalidModel(f"{part}: {where} cannot be read: {e}") from e
+        part_count = _split_key(pf, "split.count")
+        if part_count != count:
+            raise InvalidModel(
+                f"{part}: {where}, but its split.count is {part_count} "
+                f"(the first part says {count})"
+            )
+        part_no = _split_key(pf, "split.no")
+        if part_no != i:
+            raise InvalidModel(f"{part}: {where}, but its split.no is {part_no} (expected {i})")
+        for t in pf.tensors:
+            if t.name in names:
+                raise InvalidModel(
+                    f"{part}: tensor {t.name!r} of {where} is also in an earlier part"
+                )
+            names.add(t.name)
+        tensors.extend(pf.tensors)
+        total_size += pf.file_size
+    if len(tensors) != n_tensors:
+        raise InvalidModel(
+            f"{first}: split model says {n_tensors} tensors (split.tensors.count) but its "
+            f"{count} parts hold {len(tensors)}"
+        )
+    return GGUFFile(gf.path, gf.version, total_size, gf.metadata, tensors, gf.data_offset)
+
+
 def inspect_model(path: str | os.PathLike[str]) -> ModelInfo:
-    """Read a GGUF file's metadata and tensor table into a ``ModelInfo``."""
-    gf = read_gguf(path)
+    """Read a GGUF file's metadata and tensor table into a ``ModelInfo``.
+
+    A split model (``name-00001-of-00003.gguf`` ...) is given by its first part; every
+    part is found and validated as llama.cpp would, and the ModelInfo describes the
+    whole model (``file_size`` is the sum of the parts).
+    """
+    gf = _read_split(read_gguf(path))
     meta = gf.metadata
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or not arch:

@@ -1,5 +1,5 @@
 """Ollama-compatible API: /api/generate, /api/chat, /api/embed, /api/embeddings, /api/tags,
-/api/show, /api/ps, /api/version."""
+/api/show, /api/ps, /api/version, /api/pull, /api/delete."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engines.llamacpp.sampling import JSON_GRAMMAR
-from ..errors import BadRequest, HearthError
+from ..errors import BadRequest, HearthError, ModelNotFound
 from ..gguf import ModelInfo, inspect_model
 from ..store import resolve_model
 from ..types import GenerationConfig, GenerationResult
@@ -26,6 +26,8 @@ from .protocol import (
     OllamaEmbedRequest,
     OllamaGenerateRequest,
     OllamaShowRequest,
+    OllamaPullRequest,
+    OllamaDeleteRequest,
     _OllamaRequest,
 )
 
@@ -234,11 +236,15 @@ def _details(info: ModelInfo) -> dict[str, Any]:
 
 
 def _modified(info: ModelInfo) -> str:
-    return datetime.fromtimestamp(info.path.stat().st_mtime, timezone.utc).isoformat().replace("+00:00", "Z")
+    try:
+        t = info.path.stat().st_mtime
+    except OSError:  # deleted while loaded
+        t = time.time()
+    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 async def _info(name: str) -> ModelInfo:
-    return await asyncio.to_thread(lambda: inspect_model(resolve_model(name).path))
+    return await asyncio.to_thread(lambda: inspect_model(resolve_model(name, pull=False).path))
 
 
 @router.get("/tags")
@@ -286,6 +292,80 @@ def _expires(t: float | None) -> str:
     if t is None:  # never: far in the future, as Ollama shows a negative keep_alive
         return "2318-01-01T00:00:00Z"
     return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@router.post("/pull")
+async def pull(req: OllamaPullRequest) -> Any:
+    """Pull a catalog or hf.co model into hearth's store, with Ollama's progress lines:
+    "pulling manifest", one "pulling <digest>" per file with total/completed, "verifying
+    sha256 digest", "writing manifest", "success"."""
+    from ..store import local
+
+    from ..store.catalog import load_catalog
+    from ..store.pull import parse_hf_ref
+    from ..store.registry import KNOWN_MODELS
+
+    name = req.model or req.name
+    if not name:
+        raise BadRequest("model is required")
+    if name.strip().lower() in KNOWN_MODELS:  # embedded: already here
+        return JSONResponse({"status": "success"}) if not req.stream else StreamingResponse(
+            iter([_ndjson({"status": "success"})]), media_type="application/x-ndjson")
+    # an unknown name or tag is a 404 now, not an error line inside a 200 stream
+    if parse_hf_ref(name) is None and load_catalog().lookup(name) is None:
+        raise ModelNotFound(local.unknown_message(name))
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    last: dict[str, int] = {}
+
+    def progress(file: str, done: int, total: int) -> None:
+        pct = done * 100 // total if total else 0
+        if last.get(file) == pct and done != total:
+            return
+        last[file] = pct
+        loop.call_soon_threadsafe(queue.put_nowait, {
+            "status": f"pulling {file}", "digest": file, "total": total, "completed": done})
+
+    def work() -> Any:
+        try:
+            return local.pull(name, progress=progress)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    if not req.stream:
+        await asyncio.to_thread(work)
+        return JSONResponse({"status": "success"})
+
+    task = asyncio.ensure_future(asyncio.to_thread(work))
+
+    async def body() -> AsyncIterator[bytes]:
+        yield _ndjson({"status": "pulling manifest"})
+        while (item := await queue.get()) is not None:
+            yield _ndjson(item)
+        try:
+            await task
+        except HearthError as e:
+            yield _ndjson({"error": e.message})
+            return
+        for status in ("verifying sha256 digest", "writing manifest", "success"):
+            yield _ndjson({"status": status})
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
+
+
+@router.delete("/delete")
+async def delete(request: Request, req: OllamaDeleteRequest) -> JSONResponse:
+    """Delete a model hearth pulled (Ollama's own models and embedded ones are refused: 403)."""
+    from ..store import remove_model
+
+    name = req.model or req.name
+    if not name:
+        raise BadRequest("model is required")
+    canon, _deleted, _kept = await asyncio.to_thread(remove_model, name)
+    await _pool(request).forget(canon)
+    if canon != name:
+        await _pool(request).forget(name)
+    return JSONResponse({})
 
 
 @router.get("/ps")

@@ -32,7 +32,6 @@ from ..api import Model, load_model, plan_model
 from ..engines.llamacpp.scheduler import RequestHandle
 from ..errors import BadRequest, Cancelled, DoesNotFit, HearthError
 from ..store import resolve_model
-from ..store.registry import KNOWN_MODELS
 from ..types import GenerationChunk, GenerationConfig, GenerationResult
 
 T = TypeVar("T")
@@ -184,8 +183,9 @@ class ModelPool:
         requested = name or ""
         alias = self._aliases.get(requested)
         if alias is None:
-            resolved = await asyncio.to_thread(resolve_model, name or None)  # may assemble a file
-            spec = resolved.name if resolved.source == "embedded" else os.fspath(resolved.path)
+            # a server never starts a multi-gigabyte pull inside a request: that is `models pull`
+            resolved = await asyncio.to_thread(resolve_model, name or None, pull=False)  # may assemble a file
+            spec = os.fspath(resolved.path) if resolved.source == "local" else resolved.name
             alias = self._aliases[requested] = (resolved.path, spec)
         key, spec = alias
         entry = self._loaded.get(key)
@@ -309,22 +309,29 @@ class ModelPool:
         for name in names:
             (await self.acquire(name, keep_alive=-1)).release()
 
+    async def forget(self, name: str) -> None:
+        """A model was deleted: unload it (once its running requests finish) and drop
+        the names that pointed at it."""
+        key = name.strip().lower()
+        for entry in list(self._loaded.values()):
+            if entry.model.name.lower() != key:
+                continue
+            if entry.busy():
+                entry.keep_alive = 0  # unloads when its last lease is released
+            else:
+                await self._unload(entry, "deleted")
+            self._aliases = {k: v for k, v in self._aliases.items() if v[0] != entry.key}
+        self._aliases.pop(name, None)
+
     def loaded(self) -> list[Loaded]:
         return list(self._loaded.values())
 
     @staticmethod
     def installed_names() -> list[str]:
-        """Known model names whose package is installed (checked without assembling files)."""
-        import importlib.metadata as md
+        """Models that can run without a download: embedded, pulled, in the Ollama store."""
+        from ..store.registry import installed
 
-        out = []
-        for canon, _find, pkg in {v[0]: v for v in KNOWN_MODELS.values()}.values():
-            try:
-                md.distribution(pkg)
-            except md.PackageNotFoundError:
-                continue
-            out.append(canon)
-        return out
+        return [m.name for m in installed()]
 
     def close(self) -> None:
         self._closed = True

@@ -149,3 +149,15 @@ class OllamaEmbeddingsRequest(_Request):
     prompt: str = ""
     options: dict[str, Any] | None = None
     keep_alive: Union[str, int, float, None] = None
+
+
+class OllamaPullRequest(_Request):
+    model: str | None = None
+    name: str | None = None  # older clients
+    insecure: bool = False
+    stream: bool = True
+
+
+class OllamaDeleteRequest(_Request):
+    model: str | None = None
+    name: str | None = None

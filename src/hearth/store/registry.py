@@ -9,11 +9,12 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as md
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from ..errors import InvalidModel, ModelNotFound
+from ..errors import HearthError, InvalidModel, ModelNotFound, NotOwned
 
 DEFAULT_MODEL = "smollm2"
 
@@ -22,7 +23,11 @@ DEFAULT_MODEL = "smollm2"
 class ResolvedModel:
     name: str
     path: Path
-    source: str  # "embedded", "local", ...
+    source: str  # "embedded", "local", "catalog", "hf", "ollama"
+    # carried over from an Ollama manifest: sampling defaults, load options, system prompt
+    defaults: dict[str, Any] = field(default_factory=dict)
+    load: dict[str, Any] = field(default_factory=dict)
+    system: str | None = None
 
 
 def _dist_file(dist: str, suffix: str) -> Path | None:
@@ -76,8 +81,29 @@ for _aliases, _canon, _find, _pkg in (
         KNOWN_MODELS[_a] = (_canon, _find, _pkg)
 
 
-def resolve_model(model: str | os.PathLike[str] | None = None) -> ResolvedModel:
-    """A path (anything that exists, or ends in .gguf) or a known name."""
+def _announce(message: str) -> None:
+    print(f"hearth: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_model(
+    model: str | os.PathLike[str] | ResolvedModel | None = None,
+    *,
+    pull: bool = True,
+    announce: Callable[[str], None] | None = _announce,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ResolvedModel:
+    """What a user names, as a GGUF file on disk. In order:
+
+    a path; ``hf.co/ORG/REPO[:QUANT]``; an embedded model (``smollm2``); a model hearth
+    pulled; a model in the user's Ollama store (run in place); a catalog name. A catalog
+    or hf.co model that is not downloaded yet is pulled first (saying so through
+    ``announce``) unless ``pull`` is false.
+    """
+    from . import local
+    from .pull import parse_hf_ref
+
+    if isinstance(model, ResolvedModel):
+        return model
     if model is None or str(model) == "":
         from ..config import load_config
 
@@ -88,16 +114,157 @@ def resolve_model(model: str | os.PathLike[str] | None = None) -> ResolvedModel:
         from ..engines.base import detect_format
 
         detect_format(p)  # directories and non-GGUF formats: say what would serve them
-        return ResolvedModel(p.name, p.resolve(), "local")
+        # absolute, but not through symlinks: split parts are found next to the name given
+        return ResolvedModel(p.name, Path(os.path.abspath(p)), "local")
     key = text.strip().lower()
-    if key in KNOWN_MODELS:
+    if parse_hf_ref(text) is None and key in KNOWN_MODELS:
         canon, find, pkg = KNOWN_MODELS[key]
         path = find()
         if path is None:
             raise ModelNotFound(f"model {canon} is not installed: pip install {pkg}")
         return ResolvedModel(canon, path, "embedded")
+    stored = local.find_stored(text)
+    if stored is not None:
+        local.touch(stored)
+        return ResolvedModel(stored.name, stored.path, stored.source)
+    if parse_hf_ref(text) is None:
+        from .ollama import find_ollama_model, generation_defaults, load_defaults
+
+        om = find_ollama_model(text)
+        if om is not None:
+            return ResolvedModel(om.name, om.model_path, "ollama", generation_defaults(om.params),
+                                 load_defaults(om.params), om.system)
+    from .catalog import load_catalog
+
+    pullable = parse_hf_ref(text) is not None or load_catalog().lookup(text) is not None
+    if pullable:
+        if not pull:
+            raise ModelNotFound(f"{text} is not downloaded yet; pull it with: hearth models pull {text}")
+        stored = local.pull(text, announce=announce, progress=progress)
+        return ResolvedModel(stored.name, stored.path, stored.source)
     if key.endswith(".gguf") or os.sep in text or text.startswith("."):
         raise ModelNotFound(f"{text}: no such file")
-    close = difflib.get_close_matches(key, sorted(KNOWN_MODELS), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted({v[0] for v in KNOWN_MODELS.values()}))}"
-    raise ModelNotFound(f"unknown model {text!r}{hint} (or give a path to a .gguf file)")
+    raise ModelNotFound(_unknown(text))
+
+
+def known_names() -> list[str]:
+    """Every name ``resolve_model`` would accept without a path (for suggestions)."""
+    from . import local
+    from .catalog import load_catalog
+    from .ollama import scan_ollama
+
+    names = set(KNOWN_MODELS)
+    cat = load_catalog()
+    for m in cat:
+        names.update((m.name, *m.aliases))
+    names.update(m.name for m in local.stored_models())
+    try:
+        names.update(m.name.lower() for m in scan_ollama().models)
+    except OSError:
+        pass
+    return sorted(names)
+
+
+def _unknown(text: str) -> str:
+    key = text.strip().lower()
+    names = known_names()
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    if not close and len(key) >= 3:  # "qwen" -> "qwen2.5:0.5b", ...
+        close = [n for n in names if n.startswith(key.split(":")[0])][:3]
+    hint = (f"; did you mean {', '.join(close)}?" if close else
+            f"; try {DEFAULT_MODEL} (embedded) or a catalog model such as qwen2.5:7b "
+            "(all of them: hearth models list --catalog)")
+    return f"unknown model {text!r}{hint} (or give a path to a .gguf file)"
+
+
+# ----------------------------------------------------------------------------- inventory
+
+@dataclass
+class Installed:
+    """A model that runs without a download (`hearth models list`)."""
+
+    name: str
+    source: str  # "embedded", "catalog", "hf", "ollama"
+    quantization: str | None
+    size: int | None
+    path: Path | None  # None: assembled on first use
+    last_used: float | None = None
+    modified: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "source": self.source, "quantization": self.quantization,
+            "size": self.size, "path": str(self.path) if self.path else None,
+            "last_used": self.last_used, "modified": self.modified,
+        }
+
+
+_EMBEDDED_QUANT = {"smollm2:135m": "Q4_1", "gemma3:270m": "Q4_K_M"}
+
+
+def _embedded() -> list[Installed]:
+    from ..config import load_config
+
+    out = []
+    for canon, find, pkg in {v[0]: v for v in KNOWN_MODELS.values()}.values():
+        try:
+            md.distribution(pkg)
+        except md.PackageNotFoundError:
+            continue
+        if canon == "gemma3:270m":  # assembled from chunks on first use; do not do it to list it
+            p = load_config().data_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+            path = p if p.is_file() else None
+        else:
+            path = find()
+        out.append(Installed(canon, "embedded", _EMBEDDED_QUANT.get(canon),
+                             path.stat().st_size if path else None, path,
+                             modified=path.stat().st_mtime if path else None))
+    return out
+
+
+def installed(problems: list[str] | None = None) -> list[Installed]:
+    """Embedded models, models hearth pulled, and the user's Ollama models."""
+    from . import local
+    from .ollama import scan_ollama
+    from ..gguf import inspect_model
+
+    out = _embedded()
+    for m in local.stored_models(problems):
+        out.append(Installed(m.name, m.source, m.quant, m.size, m.path, m.last_used, m.pulled_at))
+    scan = scan_ollama()
+    if problems is not None:
+        problems.extend(scan.problems)
+    for om in scan.models:
+        try:
+            quant = inspect_model(om.model_path).quantization
+        except HearthError:
+            quant = None
+        out.append(Installed(om.name, "ollama", quant, om.size, om.model_path, modified=om.modified))
+    return out
+
+
+def remove_model(name: str) -> tuple[str, list[str], list[str]]:
+    """Delete a model hearth pulled: (its name, deleted paths, kept paths).
+
+    Refuses, with the reason, to delete what hearth does not own.
+    """
+    from . import local
+    from .ollama import find_ollama_model
+
+    stored = local.find_stored(name)
+    if stored is not None:
+        deleted, kept = local.remove(stored)
+        return stored.name, deleted, kept
+    key = name.strip().lower()
+    if key in KNOWN_MODELS:
+        canon, _f, pkg = KNOWN_MODELS[key]
+        raise NotOwned(f"{canon} ships with the {pkg} package; hearth does not delete it (pip uninstall {pkg})")
+    try:
+        om = find_ollama_model(name)
+    except HearthError:
+        om = None
+    if om is not None:
+        raise NotOwned(f"{om.name} belongs to Ollama ({om.model_path}); remove it with: ollama rm {om.name}")
+    if Path(name).expanduser().exists():
+        raise NotOwned(f"{name} is your own file; hearth only removes models it pulled")
+    raise ModelNotFound(f"{name} is not a model hearth pulled; " + _unknown(name).split("; ", 1)[-1])
