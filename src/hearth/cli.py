@@ -222,7 +222,7 @@ def _resolve(model: str | None):
     """The model on disk; a catalog or hf.co model is pulled first, with progress."""
     from .store import resolve_model
 
-    return resolve_model(model, announce=_say, progress=_Progress())
+    return resolve_model(model, announce=_say)
 
 
 def _stream_out(chunks) -> Any:
@@ -317,7 +317,7 @@ def _model_spec(model: str | None) -> str | None:
         if model.strip().lower() not in KNOWN_MODELS:
             from .store import resolve_model
 
-            resolve_model(model, announce=_say, progress=_Progress())  # a catalog or hf.co model not yet here: pull it now
+            resolve_model(model, announce=_say)  # a catalog or hf.co model not yet here: pull it now
     return model
 
 
@@ -605,39 +605,6 @@ def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-class _Progress:
-    """A download progress line on stderr: redrawn in place on a terminal, every 10%
-    as its own line otherwise (logs, CI). HF_HUB_DISABLE_PROGRESS_BARS=1 silences it."""
-
-    def __init__(self) -> None:
-        import time
-
-        self.tty = sys.stderr.isatty()
-        self.off = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on")
-        self.last: dict[str, int] = {}
-        self.t0: dict[str, float] = {}
-        self.clock = time.monotonic
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        if self.off:
-            return
-        now = self.clock()
-        t0 = self.t0.setdefault(name, now)
-        pct = int(done * 100 / total) if total else 0
-        step = pct if self.tty else pct // 10 * 10
-        if self.last.get(name) == step and done != total:
-            return
-        self.last[name] = step
-        rate = done / max(now - t0, 1e-3) / 1e6
-        line = f"{os.path.basename(name)}  {pct:3d}%  {done / 1e6:.0f}/{total / 1e6:.0f} MB  {rate:.0f} MB/s"
-        if self.tty:
-            end = "\n" if done >= total else ""
-            sys.stderr.write(f"\r{line}\033[K{end}")
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-
 def _when(ts: float | None) -> str:
     if not ts:
         return "never"
@@ -661,7 +628,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                 print(f"{r.name} is embedded (it comes with hearth's packages): {r.path}")
                 continue
             before = local.find_stored(name)
-            m = before or local.pull(name, announce=_say, progress=_Progress())
+            from .store.pull import StderrProgress
+
+            m = before or local.pull(name, announce=_say, progress=StderrProgress())
             verb = "already pulled" if before else "pulled"
             print(f"{verb} {m.name} ({m.quant}, {_gib(m.size)}): {m.path}")
         return 0

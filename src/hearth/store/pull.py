@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,6 +41,39 @@ DISK_MARGIN = 256 * 1024 * 1024  # keep this much free after a pull
 
 # progress(filename, done_bytes, total_bytes)
 Progress = Callable[[str, int, int], None]
+
+
+class StderrProgress:
+    """A download progress line on stderr: redrawn in place on a terminal, every 10%
+    as its own line otherwise (logs, CI). HF_HUB_DISABLE_PROGRESS_BARS=1 silences it."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.tty = sys.stderr.isatty()
+        self.off = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on")
+        self.last: dict[str, int] = {}
+        self.t0: dict[str, float] = {}
+        self.clock = time.monotonic
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if self.off:
+            return
+        now = self.clock()
+        t0 = self.t0.setdefault(name, now)
+        pct = int(done * 100 / total) if total else 0
+        step = pct if self.tty else pct // 10 * 10
+        if self.last.get(name) == step and done != total:
+            return
+        self.last[name] = step
+        rate = done / max(now - t0, 1e-3) / 1e6
+        line = f"{os.path.basename(name)}  {pct:3d}%  {done / 1e6:.0f}/{total / 1e6:.0f} MB  {rate:.0f} MB/s"
+        if self.tty:
+            end = "\n" if done >= total else ""
+            sys.stderr.write(f"\r{line}\033[K{end}")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def _truthy(v: str | None) -> bool:

@@ -90,14 +90,15 @@ def resolve_model(
     *,
     pull: bool = True,
     announce: Callable[[str], None] | None = _announce,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None | str = "stderr",
 ) -> ResolvedModel:
     """What a user names, as a GGUF file on disk. In order:
 
     a path; ``hf.co/ORG/REPO[:QUANT]``; an embedded model (``smollm2``); a model hearth
     pulled; a model in the user's Ollama store (run in place); a catalog name. A catalog
     or hf.co model that is not downloaded yet is pulled first (saying so through
-    ``announce``) unless ``pull`` is false.
+    ``announce``, with a progress line on stderr unless ``progress`` says otherwise)
+    unless ``pull`` is false.
     """
     from . import local
     from .pull import parse_hf_ref
@@ -140,7 +141,11 @@ def resolve_model(
     if pullable:
         if not pull:
             raise ModelNotFound(f"{text} is not downloaded yet; pull it with: hearth models pull {text}")
-        stored = local.pull(text, announce=announce, progress=progress)
+        if progress == "stderr":
+            from .pull import StderrProgress
+
+            progress = StderrProgress()
+        stored = local.pull(text, announce=announce, progress=progress)  # type: ignore[arg-type]
         return ResolvedModel(stored.name, stored.path, stored.source)
     if key.endswith(".gguf") or os.sep in text or text.startswith("."):
         raise ModelNotFound(f"{text}: no such file")
