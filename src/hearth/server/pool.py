@@ -331,7 +331,7 @@ class ModelPool:
         """Models that can run without a download: embedded, pulled, in the Ollama store."""
         from ..store.registry import installed
 
-        return [m.name for m in installed()]
+        return [m.name for m in installed(details=False)]  # the caller reads what it shows
 
     def close(self) -> None:
         self._closed = True

