@@ -190,6 +190,14 @@ def choose_quant(repo: str, files: list[HubFile], tag: str | None) -> HubChoice:
 
 # ----------------------------------------------------------------------------- hub calls
 
+class NotFoundOnHub(DownloadError, ModelNotFound):
+    """The hub has no such repo, revision or file: a user's naming mistake (404, exit 2)."""
+
+    http_status = 404
+    exit_code = 2
+    code = "model_not_found"
+
+
 def _hub_error(e: BaseException, what: str) -> DownloadError:
     """One line for what went wrong talking to the hub."""
     from huggingface_hub.errors import (
@@ -205,13 +213,11 @@ def _hub_error(e: BaseException, what: str) -> DownloadError:
     if isinstance(e, GatedRepoError):
         return DownloadError(f"{what}: the repository is gated; accept its terms on the hub and set HF_TOKEN")
     status = getattr(getattr(e, "response", None), "status_code", None)
-    if isinstance(e, RepositoryNotFoundError) or status in (401, 403):
-        hint = "" if os.environ.get("HF_TOKEN") else " (set HF_TOKEN if it is private)"
-        if status == 404 or isinstance(e, RepositoryNotFoundError) and status != 401:
-            return _not_found(f"{what}: not found on {hub_endpoint()}{hint}")
+    hint = "" if os.environ.get("HF_TOKEN") else " (set HF_TOKEN if it is private)"
+    if status in (401, 403):
         return DownloadError(f"{what}: the hub refused access (HTTP {status}){hint}")
-    if isinstance(e, RevisionNotFoundError) or status == 404:
-        return _not_found(f"{what}: not found on {hub_endpoint()}")
+    if status == 404 or isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError)):
+        return NotFoundOnHub(f"{what}: not found on {hub_endpoint()}{hint}")
     if isinstance(e, HfHubHTTPError):
         return DownloadError(f"{what}: the hub answered HTTP {status}")
     try:  # the HTTP library huggingface_hub uses: httpx2 in 2.x, httpx before
@@ -227,16 +233,6 @@ def _hub_error(e: BaseException, what: str) -> DownloadError:
     if isinstance(e, http.HTTPError):
         return DownloadError(f"{what}: transfer failed ({type(e).__name__}: {e})")
     return DownloadError(f"{what}: {type(e).__name__}: {e}")
-
-
-class _NotFoundDownload(DownloadError, ModelNotFound):
-    http_status = 404
-    exit_code = 2
-    code = "model_not_found"
-
-
-def _not_found(msg: str) -> DownloadError:
-    return _NotFoundDownload(msg)
 
 
 def _offline_guard(what: str) -> None:

@@ -122,7 +122,8 @@ def resolve_model(
         # absolute, but not through symlinks: split parts are found next to the name given
         return ResolvedModel(p.name, Path(os.path.abspath(p)), "local")
     key = text.strip().lower()
-    if parse_hf_ref(text) is None and key in KNOWN_MODELS:
+    hf = parse_hf_ref(text)
+    if hf is None and key in KNOWN_MODELS:
         canon, find, pkg = KNOWN_MODELS[key]
         path = find()
         if path is None:
@@ -132,7 +133,7 @@ def resolve_model(
     if stored is not None:
         local.touch(stored)
         return ResolvedModel(stored.name, stored.path, stored.source)
-    if parse_hf_ref(text) is None:
+    if hf is None:
         from .ollama import find_ollama_model, generation_defaults, load_defaults
 
         om = find_ollama_model(text)
@@ -141,7 +142,7 @@ def resolve_model(
                                  load_defaults(om.params), om.system)
     from .catalog import load_catalog
 
-    pullable = parse_hf_ref(text) is not None or load_catalog().lookup(text) is not None
+    pullable = hf is not None or load_catalog().lookup(text) is not None
     if pullable:
         if not pull:
             raise ModelNotFound(f"{text} is not downloaded yet; pull it with: hearth models pull {text}")
