@@ -27,7 +27,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import ChecksumMismatch, DiskFull, DownloadError, InvalidModel, ModelNotFound
 from .catalog import is_quant_tag
@@ -286,11 +286,46 @@ class Pulled:
 
 
 def _sha256(path: Path) -> str:
+    return _hash_file(path).hexdigest()
+
+
+def _hash_file(path: Path) -> Any:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    return h
+
+
+class _HashingWriter:
+    """The partial file, hashed as it is written, so the check needs no second read.
+
+    If the transfer rewinds (a server that ignores Range makes http_get start over),
+    the running hash is void and the file is hashed whole at the end instead."""
+
+    def __init__(self, f: Any, h: Any) -> None:
+        self.f, self.h, self.void = f, h, False
+
+    def write(self, data: bytes) -> int:
+        self.h.update(data)
+        return self.f.write(data)
+
+    def seek(self, *a: Any) -> int:
+        self.void = True
+        return self.f.seek(*a)
+
+    def truncate(self, *a: Any) -> int:
+        self.void = True
+        return self.f.truncate(*a)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def hexdigest(self) -> str | None:
+        return None if self.void else self.h.hexdigest()
 
 
 def _free_bytes(path: Path) -> int:
@@ -318,10 +353,10 @@ def _progress_class(report: Progress, name: str):
     return _Report
 
 
-def _verify(path: Path, want: str | None, name: str) -> str | None:
+def _verify(path: Path, want: str | None, name: str, got: str | None = None) -> str | None:
     if not want:
         return None
-    got = _sha256(path)
+    got = got or _sha256(path)
     if got != want.lower():
         path.unlink(missing_ok=True)
         raise ChecksumMismatch(
@@ -394,8 +429,11 @@ def pull_file(
             headers.pop("authorization", None)
         tqdm_class = _progress_class(progress, file.name) if progress else None
         try:
+            # the bytes kept from an earlier run are hashed once, the rest as they arrive
+            h = _hash_file(partial) if have else hashlib.sha256()
             with open(partial, "ab") as f:
-                http_get(target, f, resume_size=have, headers=headers, expected_size=size,
+                out = _HashingWriter(f, h)
+                http_get(target, out, resume_size=have, headers=headers, expected_size=size,
                          displayed_filename=Path(file.name).name, tqdm_class=tqdm_class)
         except OSError as e:
             import errno
@@ -411,7 +449,7 @@ def pull_file(
             got = partial.stat().st_size if partial.exists() else 0
             err = _hub_error(e, what)
             raise type(err)(f"{err}; {got} of {size} bytes kept, pull again to resume") from None
-        _verify(partial, want, what)
+        _verify(partial, want, what, out.hexdigest())
         _check_gguf_header(partial, what)
         os.replace(partial, blob)
         downloaded = True
