@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -52,6 +53,8 @@ class FakeHub:
     down: bool = False  # answer 503 to everything
     down_after_cut: bool = False  # go down right after a cut
     private: set[str] = field(default_factory=set)  # repos that answer 401
+    rate: int = 0  # bytes per second per transfer (0: as fast as possible)
+    sent: dict[str, int] = field(default_factory=dict)  # filename -> body bytes written so far
     url: str = ""
 
     def add(self, repo: str, name: str, path: Path, *, corrupt: bool = False, fake_size: int | None = None) -> HubEntry:
@@ -178,7 +181,19 @@ def _handler(hub: FakeHub):
                 if hub.down_after_cut:
                     hub.down = True
                 return  # the connection closes with the body incomplete
-            self.wfile.write(body)
+            if not hub.rate:
+                self.wfile.write(body)
+                hub.sent[name] = hub.sent.get(name, 0) + len(body)
+                return
+            step = max(1, hub.rate // 20)  # a slow link: 20 writes a second
+            for i in range(0, len(body), step):
+                try:
+                    self.wfile.write(body[i:i + step])
+                    self.wfile.flush()
+                except OSError:
+                    return  # the client left
+                hub.sent[name] = hub.sent.get(name, 0) + len(body[i:i + step])
+                time.sleep(0.05)
 
     return H
 

@@ -183,13 +183,13 @@ def test_second_turn_of_a_long_chat_decodes_only_the_new_tokens(model):
 def test_a_failing_request_ends_alone_and_the_others_finish(model):
     cfg = hearth.GenerationConfig(max_tokens=12, temperature=0, ignore_eos=True)
     good = [model.engine.submit(p, cfg, stream=False) for p in prompts(3)]
-    sampler = Sampler(model.engine.model, cfg.sampling_params())
+    sampler = Sampler(model.engine.model, cfg.resolve())
 
     def boom(ctx, idx):
         raise RuntimeError("sampler exploded")
 
     sampler.sample = boom  # the worker calls this for that request only
-    req = Request(prompt_tokens=model.tokenize("This one breaks."), sampling=cfg.sampling_params(),
+    req = Request(prompt_tokens=model.tokenize("This one breaks."), params=cfg.resolve(),
                   max_tokens=12, stop=[], sampler=sampler, stream=False)
     bad = model.engine.scheduler.submit(req)
     with pytest.raises(EngineError, match="sampler exploded"):

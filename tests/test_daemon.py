@@ -220,8 +220,17 @@ def test_reload_keeps_serving_and_lets_running_requests_finish(daemon: Sandbox) 
     assert out["result"]["finish_reason"] == "length" and out["result"]["usage"]["completion_tokens"] == 48
     st = daemon.status()
     assert st["reloads"] == before + 1 and [m["name"][:7] for m in st["models"]] == ["smollm2"]
+
+    def generations() -> float:
+        with daemon.client() as c:
+            text = c._request("GET", "/metrics").read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("hearth_generations_total{"))
+
+    counted = generations()
     again = daemon.cli("run", "-p", "hi", "--max-tokens", "2", "--json")
     assert again.returncode == 0, again.stderr
+    assert generations() == counted + 1  # the metrics follow the reloaded models
 
 
 def test_sighup_reloads_too(daemon: Sandbox) -> None:

@@ -347,3 +347,59 @@ def test_a_corrupt_pulled_file_is_refused_before_llama_cpp(hub, env):
 
     with pytest.raises(InvalidModel):
         hearth.load_model(m.name, n_ctx=256)
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_pulls_of_one_model_store_one_verified_file(hub, env: Path, quantized: dict[str, Path]):
+    """Two pulls at once used to append to one partial file and each verify only the
+    bytes it received: the blob on disk was 2x, listed as verified."""
+    import concurrent.futures
+
+    hub.rate = 20_000_000  # slow enough that the transfers overlap
+    with concurrent.futures.ThreadPoolExecutor(3) as ex:
+        results = list(ex.map(lambda _: local.pull("smollm2:135m:Q8_0"), range(3)))
+    want = _sha(quantized["Q8_0"])
+    assert {r.path for r in results} == {results[0].path}
+    assert results[0].path.stat().st_size == quantized["Q8_0"].stat().st_size
+    assert _sha(results[0].path) == want  # the file on disk, not what one puller counted
+    assert [b.name for b in _blobs(env)] == [want]  # one blob, no partial left behind
+    assert len(hub.gets(load_catalog().get("smollm2:135m").quant("Q8_0").files[0])) == 1  # one transfer
+    m = __import__("hearth").load_model("smollm2:135m:Q8_0", n_ctx=128, parallel=1)
+    try:
+        assert m.generate_text("Hello", max_tokens=4, temperature=0).usage.completion_tokens >= 1
+    finally:
+        m.close()
+
+
+def test_a_client_leaving_a_streamed_api_pull_stops_the_transfer(hub, env: Path, quantized: dict[str, Path]):
+    import time
+
+    import httpx
+
+    from hearth.server import create_app
+    from test_server import _Server
+
+    name = load_catalog().get("smollm2:135m").quant("Q8_0").files[0]
+    size = quantized["Q8_0"].stat().st_size
+    hub.rate = 2_000_000  # ~70 s for the whole file
+    with _Server(create_app([])) as s:
+        with httpx.stream("POST", f"{s.url}/api/pull", json={"model": "smollm2:135m:Q8_0"}, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if json.loads(line).get("completed"):
+                    break  # some bytes arrived: now leave
+        # the transfer stops at its next chunk (huggingface_hub reads 10 MB at a time)
+        deadline, last = time.monotonic() + 30, -1
+        while time.monotonic() < deadline and hub.sent.get(name, 0) != last:
+            last = hub.sent.get(name, 0)
+            time.sleep(2)
+        assert hub.sent.get(name, 0) == last < size  # the server stopped reading from the hub
+        assert "smollm2:135m:q8_0" not in {m.name.lower() for m in installed()}
+        partial = list((env / "hf-cache").rglob("*.incomplete"))
+        assert len(partial) == 1 and 0 < partial[0].stat().st_size < size  # kept for a resume
+        hub.rate = 0
+        r = httpx.post(f"{s.url}/api/pull", json={"model": "smollm2:135m:Q8_0", "stream": False}, timeout=120)
+        assert r.status_code == 200 and r.json() == {"status": "success"}
+    assert _sha(local.find_stored("smollm2:135m:Q8_0").path) == _sha(quantized["Q8_0"])

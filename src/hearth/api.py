@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import statistics
@@ -11,13 +12,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from .config import LOAD_SETTINGS, load_config
-from .engines.base import select_engine
+from .engines.base import Engine, Handle, load_engine
 from .errors import BadRequest
 from .gguf import ModelInfo, inspect_model
 from .hardware import Hardware, detect_hardware, process_rss
 from .planner import LoadOptions, LoadPlan, MemoryEstimate, estimate_memory, plan_load
 from .store import ResolvedModel, resolve_model
-from .types import GenerationChunk, GenerationConfig, GenerationResult
+from .types import UNSET, GenerationChunk, GenerationParams, GenerationResult, resolve_params
 
 ModelRef = "Model | str | os.PathLike[str] | None"
 
@@ -35,8 +36,24 @@ class Embeddings:
         return sum(self.token_counts)
 
 
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model name brings besides its weights: sampling defaults (an Ollama
+    manifest's parameters over the GGUF's recommended sampling) and a system prompt.
+    Two names may share one file and one loaded model, each with its own defaults."""
+
+    params: GenerationParams
+    system: str | None = None
+
+
 class Model:
-    """A loaded model. Thread-safe: any number of threads may generate at once."""
+    """A loaded model. Thread-safe: any number of threads may generate at once.
+
+    Every generation call takes a ``GenerationParams`` and/or its fields as keywords
+    (``temperature=0``); what they leave unset comes from the model's own defaults (an
+    Ollama manifest's parameters, the GGUF's recommended sampling), then from the
+    front end's defaults (``frontend``: "library" unless a server route says otherwise).
+    """
 
     def __init__(self, name: str, info: ModelInfo, plan: LoadPlan, hardware: Hardware, max_queue: int = 64,
                  *, defaults: Mapping[str, Any] | None = None, system: str | None = None) -> None:
@@ -44,76 +61,108 @@ class Model:
         self.info = info
         self.plan = plan
         self.hardware = hardware
-        # the model's own defaults (an Ollama manifest's params and system prompt): a
-        # call without a config starts from them; their stop strings always apply
-        self.defaults = GenerationConfig.from_kwargs(None, **(defaults or {}))
-        self.system = system
-        engine = select_engine(info.path)
-        if engine == "llama.cpp":
-            from .engines.llamacpp import LlamaCppEngine
+        self.own = self.defaults_for(defaults, system)
+        self.engine: Engine = load_engine(info, plan, model_name=name, max_queue=max_queue)
 
-            self.engine = LlamaCppEngine(info, plan, model_name=name, max_queue=max_queue)
-        else:  # pragma: no cover - select_engine raises first
-            raise BadRequest(f"no engine for {info.path}")
+    # -- parameters ---------------------------------------------------------------------
+
+    def defaults_for(self, params: Mapping[str, Any] | None = None, system: str | None = None) -> ModelDefaults:
+        """The defaults of a name for this model's file: its own ``params`` (an Ollama
+        manifest's) over the GGUF's recommended sampling."""
+        return ModelDefaults(GenerationParams.from_kwargs(**{**self.info.sampling, **(params or {})}), system)
+
+    @property
+    def defaults(self) -> GenerationParams:
+        return self.own.params
+
+    @property
+    def system(self) -> str | None:
+        return self.own.system
+
+    def params(self, params: GenerationParams | None = None, frontend: str = "library", *,
+               defaults: ModelDefaults | None = None, **kw: Any) -> GenerationParams:
+        """The resolved parameters of one request: ``params`` and ``kw`` (which win) >
+        the model's defaults (``defaults``, else this model's own) > the front end's."""
+        if kw:
+            request = (params or GenerationParams()).updated(**GenerationParams.from_kwargs(**kw).set_fields())
+        else:
+            request = params
+        return resolve_params(request, (defaults or self.own).params, frontend)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None = None,
+                    frontend: str = "library", *, defaults: ModelDefaults | None = None,
+                    **kw: Any) -> tuple[str, GenerationParams]:
+        """The prompt text for ``messages`` and the resolved parameters, with the chat
+        template's stop strings and the model's system prompt applied."""
+        own = defaults or self.own
+        if own.system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": own.system}, *messages]
+        text, stops = self.engine.render_chat(messages)
+        resolved = self.params(params, frontend, defaults=own, **kw)
+        if stops:
+            resolved.stop = list(dict.fromkeys([*resolved.stop, *stops]))
+        return text, resolved
 
     # -- generation ---------------------------------------------------------------
 
-    def _config(self, config: GenerationConfig | None, **kw: Any) -> GenerationConfig:
-        cfg = GenerationConfig.from_kwargs(config if config is not None else self.defaults, **kw)
-        if self.defaults.stop and config is not None:
-            cfg.stop = list(dict.fromkeys([*cfg.stop, *self.defaults.stop]))
-        return cfg
-
-    def stream_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> Iterator[GenerationChunk]:
-        cfg = self._config(config, **kw)
-        return self.engine.stream(prompt, cfg)
-
-    def generate_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
-        cfg = self._config(config, **kw)
-        return self.engine.generate(prompt, cfg)
-
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> tuple[str, GenerationConfig]:
-        if self.system and not any(m.get("role") == "system" for m in messages):
-            messages = [{"role": "system", "content": self.system}, *messages]
-        text, stops = self.engine.render_chat(messages)
-        cfg = self._config(config, **kw)
-        if stops:
-            cfg.stop = list(dict.fromkeys([*cfg.stop, *stops]))
-        return text, cfg
-
-    def stream_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> Iterator[GenerationChunk]:
-        text, cfg = self.chat_prompt(messages, config, **kw)
-        return self.engine.stream(text, cfg)
-
-    def generate_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
-        text, cfg = self.chat_prompt(messages, config, **kw)
-        return self.engine.generate(text, cfg)
-
-    def submit(self, prompt: str | list[int], config: GenerationConfig | None = None, *,
-               stream: bool = True, asynchronous: bool = False, **kw: Any):
+    def submit(self, prompt: str | list[int], params: GenerationParams | None = None, *,
+               stream: bool = True, loop: asyncio.AbstractEventLoop | None = None,
+               frontend: str = "library", **kw: Any) -> Handle:
         """Queue a request and return its handle (iterate it, ``async for`` it when
-        ``asynchronous``, ``result()``/``aresult()``, ``cancel()``). The front ends use
-        this when they need both the stream and the final result."""
-        cfg = self._config(config, **kw)
-        return self.engine.submit(prompt, cfg, stream, asynchronous=asynchronous)
+        submitted with ``loop``, ``result()``/``aresult()``, ``cancel()``). Tokenizing
+        and grammar compilation happen in the calling thread."""
+        resolved = params if params is not None and params.resolved and not kw else self.params(params, frontend, **kw)
+        return self.engine.submit(prompt, resolved, stream, loop=loop)
+
+    def stream_text(self, prompt: str | list[int], params: GenerationParams | None = None, **kw: Any) -> Iterator[GenerationChunk]:
+        return self._stream(self.submit(prompt, params, **kw))
+
+    def generate_text(self, prompt: str | list[int], params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
+        return self.submit(prompt, params, stream=False, **kw).result()
+
+    def stream_chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None = None, **kw: Any) -> Iterator[GenerationChunk]:
+        text, resolved = self.chat_prompt(messages, params, **kw)
+        return self._stream(self.submit(text, resolved))
+
+    def generate_chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
+        text, resolved = self.chat_prompt(messages, params, **kw)
+        return self.submit(text, resolved, stream=False).result()
+
+    @staticmethod
+    def _stream(handle: Handle) -> Iterator[GenerationChunk]:
+        yield from handle
+        return handle.result_now  # the generator's return value: the GenerationResult
 
     # -- asyncio ------------------------------------------------------------------
-    # Cancelling the awaiting task, or leaving an ``async for`` early, cancels the
-    # request and frees its slot within one scheduler step.
+    # Submitting (tokenizing, compiling a grammar) runs in a worker thread, so the event
+    # loop never waits on it. Cancelling the awaiting task, or leaving an ``async for``
+    # early, cancels the request and frees its slot within one scheduler step.
 
-    async def agenerate_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
-        return await self.engine.agenerate(prompt, self._config(config, **kw))
+    async def _asubmit(self, prompt: str | list[int], params: GenerationParams, stream: bool) -> Handle:
+        loop = asyncio.get_running_loop()
+        return await asyncio.to_thread(self.engine.submit, prompt, params, stream, loop=loop)
 
-    async def agenerate_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> GenerationResult:
-        text, cfg = self.chat_prompt(messages, config, **kw)
-        return await self.engine.agenerate(text, cfg)
+    async def _achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None, kw: Any) -> tuple[str, GenerationParams]:
+        return await asyncio.to_thread(lambda: self.chat_prompt(messages, params, **kw))
 
-    def astream_text(self, prompt: str | list[int], config: GenerationConfig | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
-        return self.engine.astream(prompt, self._config(config, **kw))
+    async def agenerate_text(self, prompt: str | list[int], params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
+        handle = await self._asubmit(prompt, self.params(params, **kw), stream=False)
+        return await handle.aresult()
 
-    def astream_chat(self, messages: Sequence[Mapping[str, Any]], config: GenerationConfig | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
-        text, cfg = self.chat_prompt(messages, config, **kw)
-        return self.engine.astream(text, cfg)
+    async def agenerate_chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
+        text, resolved = await self._achat(messages, params, kw)
+        return await (await self._asubmit(text, resolved, stream=False)).aresult()
+
+    async def astream_text(self, prompt: str | list[int], params: GenerationParams | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
+        handle = await self._asubmit(prompt, self.params(params, **kw), stream=True)
+        async for chunk in handle:
+            yield chunk
+
+    async def astream_chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
+        text, resolved = await self._achat(messages, params, kw)
+        handle = await self._asubmit(text, resolved, stream=True)
+        async for chunk in handle:
+            yield chunk
 
     # -- embeddings -----------------------------------------------------------------
 
@@ -206,29 +255,30 @@ def _model(model: Model | str | os.PathLike[str] | None) -> Model:
 def generate_text(
     model: Model | str | os.PathLike[str] | None,
     prompt: str,
-    max_tokens: int | None = 256,
-    temperature: float = 0.8,
+    max_tokens: int | None = UNSET,
+    temperature: float = UNSET,
     stream: bool = False,
-    **sampling: Any,
+    **params: Any,
 ) -> GenerationResult | Iterator[GenerationChunk]:
-    """Complete ``prompt``. With ``stream=True``, an iterator of GenerationChunk."""
+    """Complete ``prompt``. With ``stream=True``, an iterator of GenerationChunk.
+    Unset parameters come from the model's defaults, then the library's."""
     m = _model(model)
-    cfg = GenerationConfig.from_kwargs(None, max_tokens=max_tokens, temperature=temperature, **sampling)
-    return m.stream_text(prompt, cfg) if stream else m.generate_text(prompt, cfg)
+    p = GenerationParams.from_kwargs(max_tokens=max_tokens, temperature=temperature, **params)
+    return m.stream_text(prompt, p) if stream else m.generate_text(prompt, p)
 
 
 def generate_chat(
     model: Model | str | os.PathLike[str] | None,
     messages: Sequence[Mapping[str, Any]],
-    max_tokens: int | None = 256,
-    temperature: float = 0.8,
+    max_tokens: int | None = UNSET,
+    temperature: float = UNSET,
     stream: bool = False,
-    **sampling: Any,
+    **params: Any,
 ) -> GenerationResult | Iterator[GenerationChunk]:
     """Answer a conversation with the model's chat template."""
     m = _model(model)
-    cfg = GenerationConfig.from_kwargs(None, max_tokens=max_tokens, temperature=temperature, **sampling)
-    return m.stream_chat(messages, cfg) if stream else m.generate_chat(messages, cfg)
+    p = GenerationParams.from_kwargs(max_tokens=max_tokens, temperature=temperature, **params)
+    return m.stream_chat(messages, p) if stream else m.generate_chat(messages, p)
 
 
 def count_tokens(model: Model | str | os.PathLike[str] | None, text: str) -> int:
@@ -303,6 +353,10 @@ class BenchmarkResult:
         return asdict(self)
 
 
+# greedy, no penalties: like llama-bench, measure the model, not the sampler
+_GREEDY: dict[str, Any] = dict(temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
+
+
 def benchmark_concurrency(
     model: Model,
     levels: Sequence[int],
@@ -324,18 +378,19 @@ def benchmark_concurrency(
     if need > model.plan.n_ctx_per_slot:
         raise BadRequest(f"{n_prompt} + {n_gen} tokens need n_ctx >= {need} per slot")
     rng = random.Random(seed)
-    n_vocab = model.engine.model.n_vocab  # type: ignore[attr-defined]
+    n_vocab = model.engine.n_vocab
     engine = model.engine
     out = []
     for c in levels:
         prompts = [[rng.randrange(n_vocab) for _ in range(n_prompt)] for _ in range(c)]
         t0 = time.perf_counter()
-        handles = [engine.submit(p, GenerationConfig(max_tokens=1, temperature=0.0, repeat_penalty=1.0, ignore_eos=True), stream=False) for p in prompts]
+        first = model.params(max_tokens=1, **_GREEDY)
+        handles = [engine.submit(p, first, stream=False) for p in prompts]
         pp = [h.result() for h in handles]
         t_pp = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cfg = GenerationConfig(max_tokens=n_gen, temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
-        handles = [engine.submit(p, cfg, stream=False) for p in prompts]
+        gen = model.params(max_tokens=n_gen, **_GREEDY)
+        handles = [engine.submit(p, gen, stream=False) for p in prompts]
         tg = [h.result() for h in handles]
         t_tg = time.perf_counter() - t0
         out.append({
@@ -372,9 +427,8 @@ def benchmark_inference(
     load_s = time.perf_counter() - t0
     peak = process_rss()
     rng = random.Random(seed)
-    n_vocab = m.engine.model.n_vocab  # type: ignore[attr-defined]
-    # greedy, no penalties: like llama-bench, measure the model, not the sampler
-    greedy = dict(temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
+    n_vocab = m.engine.n_vocab
+    greedy = _GREEDY
     if n_prompt >= m.plan.n_ctx_per_slot:
         raise BadRequest(f"n_prompt {n_prompt} does not fit the context ({m.plan.n_ctx_per_slot})")
 

@@ -44,7 +44,8 @@ def _daemon_flag(p: argparse.ArgumentParser) -> None:
 
 def _gen_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-tokens", "-n", type=int, default=512, help="tokens to generate at most (default 512)")
+    g.add_argument("--max-tokens", "-n", type=int, default=None,
+                   help="tokens to generate at most (default: the model's own, else 512; -1: no limit)")
     g.add_argument("--temperature", "--temp", type=float, default=None, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
@@ -99,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1, HEARTH_HOST)")
     sv.add_argument("--port", type=int, default=None, help="port (default: 11435, HEARTH_PORT)")
     sv.add_argument("--model", "-m", dest="models", action="append", default=[],
-                    help="load this model at startup (repeatable); others load on first request")
+                    help="load this model at startup (repeatable); the first is the default for requests "
+                    "that name none; others load on first request")
+    sv.add_argument("--alias", "-a", dest="aliases", action="append", default=[],
+                    help="the name clients use for the --model in the same position (default: its name, "
+                    "or the file name for a path)")
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: HEARTH_API_KEY)")
     _load_flags(sv)
 
@@ -162,10 +167,12 @@ def _file_or_text(v: str | None) -> str | None:
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The generation flags as GenerationConfig keywords (validated where they are used)."""
+    """The generation flags as GenerationParams keywords (only those given)."""
     from .errors import BadRequest
 
-    kw: dict[str, Any] = {"max_tokens": args.max_tokens}
+    kw: dict[str, Any] = {}
+    if args.max_tokens is not None:
+        kw["max_tokens"] = None if args.max_tokens == -1 else args.max_tokens  # -1: no limit, as llama.cpp
     for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop"):
         v = getattr(args, k)
         if v is not None:
@@ -183,9 +190,9 @@ def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _gen_config(args: argparse.Namespace):
-    from .types import GenerationConfig
+    from .types import GenerationParams
 
-    return GenerationConfig.from_kwargs(None, **_gen_kwargs(args))
+    return GenerationParams.from_kwargs(**_gen_kwargs(args))
 
 
 # load flags -> the same flags for the daemon's process
@@ -257,11 +264,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = _load(args)
     try:
         if args.raw:
-            text, gcfg = prompt, cfg
+            text, gcfg = prompt, model.params(cfg, "cli")
         else:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             messages.append({"role": "user", "content": prompt})
-            text, gcfg = model.chat_prompt(messages, cfg)
+            text, gcfg = model.chat_prompt(messages, cfg, "cli")
         if args.json:
             result = model.generate_text(text, gcfg)
             print(json.dumps(result.to_dict(), ensure_ascii=False))
@@ -282,7 +289,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = _load(args)
 
     def answer(history: list[dict[str, str]]) -> str:
-        text, gcfg = model.chat_prompt(history, cfg)
+        text, gcfg = model.chat_prompt(history, cfg, "cli")
         result = _stream_out(model.stream_text(text, gcfg))
         return result.text if result else ""
 
@@ -572,13 +579,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config({"host": args.host, "port": args.port, "api_key": args.api_key})
     if not 0 < cfg.port < 65536:
         raise BadRequest(f"--port must be in 1..65535, got {cfg.port}")
+    if len(args.aliases) > len(args.models):
+        raise BadRequest(f"{len(args.aliases)} --alias for {len(args.models)} --model: give one per model")
+    if len(set(a.lower() for a in args.aliases)) < len(args.aliases):
+        raise BadRequest("each --alias must be different")
     for m in args.models:
         resolve_model(m)  # an unknown model fails here, before the server starts
     import uvicorn
 
     from .server import create_app
 
-    app = create_app(args.models, api_key=cfg.api_key, load_options=_load_wishes(args))
+    app = create_app(args.models, api_key=cfg.api_key, load_options=_load_wishes(args), aliases=args.aliases)
     print(f"hearth: serving on http://{cfg.host}:{cfg.port} (OpenAI API at /v1, Ollama API at /api)", file=sys.stderr)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info" if args.verbose else "warning")

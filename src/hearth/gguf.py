@@ -231,6 +231,8 @@ class ModelInfo:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     split_count: int = 1
+    # the model maker's recommended sampling (general.sampling.*), as GenerationParams fields
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_chat_template(self) -> bool:
@@ -726,7 +728,32 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelInfo:
         bos_token_id=bos if isinstance(bos, int) else None,
         eos_token_id=eos if isinstance(eos, int) else None,
         split_count=_int(meta, "split.count", 1) or 1,
+        sampling=_sampling_defaults(meta),
     )
+
+
+# general.sampling.* (llama.cpp's LLM_KV_GENERAL_SAMPLING_*) -> GenerationParams field
+_SAMPLING_KEYS = {
+    "general.sampling.temp": ("temperature", float),
+    "general.sampling.top_k": ("top_k", int),
+    "general.sampling.top_p": ("top_p", float),
+    "general.sampling.min_p": ("min_p", float),
+    "general.sampling.penalty_last_n": ("repeat_last_n", int),
+    "general.sampling.penalty_repeat": ("repeat_penalty", float),
+}
+
+
+def _sampling_defaults(meta: dict[str, Any]) -> dict[str, Any]:
+    """The recommended sampling a GGUF carries; values of the wrong type are ignored."""
+    out: dict[str, Any] = {}
+    for key, (name, kind) in _SAMPLING_KEYS.items():
+        v = meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if kind is int and (not float(v).is_integer()):
+            continue
+        out[name] = kind(v)
+    return out
 
 
 # Architectures whose sliding-window layers follow a fixed pattern in llama.cpp when
@@ -747,3 +774,53 @@ def _swa_layer_count(meta: dict[str, Any], arch: str, n_layer: int, window: int)
     if every <= 0:
         return n_layer  # every layer uses the window (e.g. mistral-style SWA)
     return sum(1 for il in range(n_layer) if (il + 1) % every != 0)
+
+
+# Formats we recognise but do not run, and what would run them.
+_OTHER_FORMATS = {
+    ".safetensors": "a safetensors checkpoint: convert it to GGUF with llama.cpp's "
+    "convert_hf_to_gguf.py, or run it with transformers or vLLM",
+    ".bin": "a PyTorch checkpoint: convert it to GGUF with llama.cpp's convert_hf_to_gguf.py",
+    ".pt": "a PyTorch checkpoint: convert it to GGUF with llama.cpp's convert_hf_to_gguf.py",
+    ".pth": "a PyTorch checkpoint: convert it to GGUF with llama.cpp's convert_hf_to_gguf.py",
+    ".onnx": "an ONNX model: run it with onnxruntime-genai",
+    ".npz": "an MLX/NumPy checkpoint: run it with mlx-lm on Apple silicon",
+    ".ggml": "an old GGML file: convert it to GGUF with llama.cpp's convert_llama_ggml_to_gguf.py",
+}
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """'gguf', or raise a clear error naming what would serve this format."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFound(f"{p}: no such file")
+    if p.is_dir():
+        names = {c.name for c in p.iterdir()} if os.access(p, os.R_OK) else set()
+        ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
+        if ggufs:
+            raise UnsupportedFormat(f"{p} is a directory; name one of its GGUF files, e.g. {p / ggufs[0]}")
+        if any(n.endswith(".safetensors") for n in names) and "config.json" in names:
+            if "mlx" in " ".join(names).lower() or any(n.endswith(".npz") for n in names):
+                raise UnsupportedFormat(f"no engine for {p}: an MLX model; run it with mlx-lm on Apple silicon")
+            raise UnsupportedFormat(
+                f"no engine for {p}: a Hugging Face safetensors model; convert it to GGUF with "
+                "llama.cpp's convert_hf_to_gguf.py, or run it with transformers or vLLM"
+            )
+        raise UnsupportedFormat(f"{p} is a directory, not a model file")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except PermissionError:
+        raise ModelNotFound(f"{p}: permission denied") from None
+    except OSError as e:
+        raise InvalidModel(f"{p}: cannot read: {e.strerror or e}") from None
+    if magic == b"GGUF":
+        return "gguf"
+    hint = _OTHER_FORMATS.get(p.suffix.lower())
+    if hint:
+        raise UnsupportedFormat(f"no engine for {p.name}: {hint}")
+    if p.suffix.lower() == ".gguf":
+        return "gguf"  # let the GGUF reader say exactly what is wrong
+    raise UnsupportedFormat(
+        f"no engine for {p.name}: not a GGUF file (hearth runs GGUF models on llama.cpp)"
+    )

@@ -252,7 +252,9 @@ def estimate_memory(
     )
 
 
-def _budget(total: int, free: int, headroom: tuple[int, float]) -> int:
+def memory_budget(total: int, free: int, headroom: tuple[int, float]) -> int:
+    """What a model may use of a memory: what is free, less the larger of a fixed and
+    a relative headroom (RAM_HEADROOM, VRAM_HEADROOM)."""
     return max(0, free - max(headroom[0], int(total * headroom[1])))
 
 
@@ -303,9 +305,9 @@ def plan_load(
         src(name, getattr(opts, name))
 
     total_layers = offloadable_layers(info)
-    ram_budget = _budget(hardware.total_ram, hardware.available_ram, RAM_HEADROOM)
+    ram_budget = memory_budget(hardware.total_ram, hardware.available_ram, RAM_HEADROOM)
     gpus = list(hardware.gpus)
-    vram_budget = sum(_budget(g.total_memory, g.free_memory, VRAM_HEADROOM) for g in gpus)
+    vram_budget = sum(memory_budget(g.total_memory, g.free_memory, VRAM_HEADROOM) for g in gpus)
 
     trained = max(info.context_length, MIN_CTX)
     if opts.n_ctx is not None:

@@ -2,51 +2,83 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal, Mapping
 
 from .errors import BadRequest
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
-@dataclass
-class GenerationConfig:
-    """How to generate. Validated on construction; unknown names are refused."""
+class _Unset:
+    """A parameter nobody set: a later layer (model defaults, front-end defaults) decides."""
 
-    max_tokens: int | None = 256  # None = until the context is full
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1  # Ollama's default: small models loop without it
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_last_n: int = 64
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    grammar: str | None = None
-    json_schema: dict | str | None = None
-    ignore_eos: bool = False  # keep going past end-of-generation tokens (benchmarks)
+    _instance: _Unset | None = None
+
+    def __new__(cls) -> _Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+# for these, None is a value: no limit, a random seed, no grammar
+_NONE_MEANS_SOMETHING = frozenset({"max_tokens", "seed", "grammar", "json_schema"})
+
+# bounds that keep a request's cost in check before it reaches llama.cpp
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 1024
+INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class GenerationParams:
+    """How to generate: every front end builds one of these, and it knows which fields
+    were set. ``resolve`` fills the rest from the model's own defaults, then the front
+    end's (``FRONTEND_DEFAULTS``). Validated on construction; unknown names are refused.
+
+    ``max_tokens=None`` means "until the context is full"; for the other fields ``None``
+    is the same as not setting them.
+    """
+
+    max_tokens: int | None = UNSET
+    temperature: float = UNSET
+    top_k: int = UNSET
+    top_p: float = UNSET
+    min_p: float = UNSET
+    repeat_penalty: float = UNSET
+    presence_penalty: float = UNSET
+    frequency_penalty: float = UNSET
+    repeat_last_n: int = UNSET  # -1: the whole context
+    seed: int | None = UNSET  # unset or None: a random seed per request
+    stop: list[str] = UNSET
+    logit_bias: dict[int, float] = UNSET
+    grammar: str | None = UNSET  # GBNF
+    json_schema: dict | str | None = UNSET  # converted to GBNF by the engine
+    ignore_eos: bool = UNSET  # keep going past end-of-generation tokens (benchmarks)
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None and (
-            isinstance(self.max_tokens, bool)
-            or not isinstance(self.max_tokens, int)
-            or self.max_tokens < 0
-        ):
-            raise BadRequest(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
-            raise BadRequest("stop must be a string or a list of strings")
-        self.stop = [s for s in self.stop if s]
-        # sampling fields validate themselves in SamplingParams
-        self.sampling_params()
+        for f in fields(self):
+            if f.name not in _NONE_MEANS_SOMETHING and getattr(self, f.name) is None:
+                setattr(self, f.name, UNSET)
+        self._validate()
+
+    # -- construction -------------------------------------------------------------------
 
     @classmethod
-    def from_kwargs(cls, base: GenerationConfig | None = None, **kwargs: Any) -> GenerationConfig:
+    def from_kwargs(cls, **kwargs: Any) -> GenerationParams:
+        """Like the constructor, with a clear error naming unknown settings."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
@@ -54,27 +86,164 @@ class GenerationConfig:
                 f"unknown generation setting(s): {', '.join(unknown)} "
                 f"(known: {', '.join(sorted(names))})"
             )
-        values = asdict(base) if base is not None else {}
-        values.update({k: v for k, v in kwargs.items() if v is not None or k in ("max_tokens", "seed")})
-        return cls(**values)
+        return cls(**kwargs)
 
-    def sampling_params(self):  # -> SamplingParams (import kept lazy: no llama_cpp at import)
-        from .engines.llamacpp.sampling import SamplingParams
+    def set_fields(self) -> dict[str, Any]:
+        """The fields this object sets, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not UNSET}
 
-        return SamplingParams(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repeat_penalty=self.repeat_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repeat_last_n=self.repeat_last_n,
-            seed=self.seed,
-            logit_bias=self.logit_bias,
-            grammar=self.grammar,
-            json_schema=self.json_schema,
-        )
+    def is_set(self, name: str) -> bool:
+        return getattr(self, name) is not UNSET
+
+    def updated(self, **kwargs: Any) -> GenerationParams:
+        """A copy with these fields set (validated)."""
+        return replace(self, **kwargs)
+
+    def resolve(self, *layers: GenerationParams | None) -> GenerationParams:
+        """Each field from the first of (self, *layers) that sets it, else the engine's
+        neutral default. Stop strings add up: a model's stops always apply."""
+        out: dict[str, Any] = {}
+        stops: list[str] = []
+        for layer in (self, *layers, ENGINE_DEFAULTS):
+            if layer is None:
+                continue
+            for name, value in layer.set_fields().items():
+                if name == "stop":
+                    stops.extend(value)
+                else:
+                    out.setdefault(name, value)
+        out["stop"] = list(dict.fromkeys(stops))
+        return GenerationParams(**out)
+
+    @property
+    def resolved(self) -> bool:
+        return all(getattr(self, f.name) is not UNSET for f in fields(self))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.set_fields().items()}
+
+    # -- validation ---------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        def num(name: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if v is UNSET:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise BadRequest(f"{name} must be a finite number, got {v!r}")
+            if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+                lo_s = "(" if lo_open else "["
+                raise BadRequest(f"{name} must be in {lo_s}{lo}, {hi if hi is not None else 'inf'}], got {v}")
+            setattr(self, name, float(v))
+
+        def integer(name: str, lo: int, hi: int = INT32_MAX) -> None:
+            v = getattr(self, name)
+            if v is UNSET or (v is None and name in ("max_tokens",)):
+                return
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+                setattr(self, name, v)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise BadRequest(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+
+        integer("max_tokens", 0)
+        num("temperature", 0.0)
+        integer("top_k", 0)
+        num("top_p", 0.0, 1.0, lo_open=True)
+        num("min_p", 0.0, 1.0)
+        num("repeat_penalty", 0.0, lo_open=True)
+        num("presence_penalty", -2.0, 2.0)
+        num("frequency_penalty", -2.0, 2.0)
+        integer("repeat_last_n", -1)
+        if self.seed is not UNSET and self.seed is not None:
+            if isinstance(self.seed, float) and self.seed.is_integer():
+                self.seed = int(self.seed)
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise BadRequest(f"seed must be an integer, got {self.seed!r}")
+            self.seed &= 0xFFFFFFFF  # llama.cpp's seeds are 32-bit (OpenAI clients send 64)
+        if self.stop is not UNSET:
+            stop = [self.stop] if isinstance(self.stop, str) else self.stop
+            if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+                raise BadRequest("stop must be a string or a list of strings")
+            stop = [s for s in stop if s]
+            if len(stop) > MAX_STOP_STRINGS:
+                raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+            if any(len(s) > MAX_STOP_LENGTH for s in stop):
+                raise BadRequest(f"a stop string may be at most {MAX_STOP_LENGTH} characters")
+            self.stop = stop
+        if self.logit_bias is not UNSET:
+            if not isinstance(self.logit_bias, Mapping):
+                raise BadRequest("logit_bias must be a map of token id to bias")
+            bias: dict[int, float] = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    tok = int(k)
+                except (TypeError, ValueError):
+                    raise BadRequest(f"logit_bias keys must be token ids, got {k!r}") from None
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                    raise BadRequest(f"logit_bias[{k}] must be a number, got {v!r}")
+                if tok < 0:
+                    raise BadRequest(f"logit_bias token id {tok} is negative")
+                bias[tok] = float(v)
+            self.logit_bias = bias
+        if self.grammar and not isinstance(self.grammar, str):
+            raise BadRequest("grammar must be a string (GBNF)")
+        if self.json_schema is not UNSET and self.json_schema is not None and not isinstance(
+            self.json_schema, (dict, str)
+        ):
+            raise BadRequest("json_schema must be a JSON object (or its text)")
+        if self.grammar and self.json_schema is not UNSET and self.json_schema is not None:
+            raise BadRequest("give either grammar or json_schema, not both")
+        if self.ignore_eos is not UNSET and not isinstance(self.ignore_eos, bool):
+            raise BadRequest(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+
+# The one table of defaults per front end: what a field is when neither the request nor
+# the model's own defaults (an Ollama manifest, the GGUF's general.sampling.*) set it.
+# ENGINE_DEFAULTS are llama.cpp's common defaults (what llama-server uses), under all.
+ENGINE_DEFAULTS = GenerationParams(
+    max_tokens=None, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
+    presence_penalty=0.0, frequency_penalty=0.0, repeat_last_n=64, seed=None, stop=[],
+    logit_bias={}, grammar=None, json_schema=None, ignore_eos=False,
+)
+
+FRONTEND_DEFAULTS: dict[str, GenerationParams] = {
+    # the library and the CLI: short answers by default, Ollama's repeat penalty (small
+    # models loop without one)
+    "library": GenerationParams(max_tokens=256, repeat_penalty=1.1),
+    # `hearth run` and `hearth chat`, in process or through the daemon
+    "cli": GenerationParams(max_tokens=512, repeat_penalty=1.1),
+    # /v1/*: OpenAI's semantics (no penalty nobody asked for, no length cap on chat),
+    # llama-server's sampling defaults, so the same request gives llama-server's answer
+    "openai": GenerationParams(),
+    # /v1/completions: OpenAI's legacy default of 16 tokens
+    "openai-completions": GenerationParams(max_tokens=16),
+    # /api/*: Ollama's documented defaults (docs/modelfile.md)
+    "ollama": GenerationParams(top_p=0.9, min_p=0.0, repeat_penalty=1.1, repeat_last_n=64),
+}
+
+
+def frontend_defaults(name: str) -> GenerationParams:
+    try:
+        return FRONTEND_DEFAULTS[name]
+    except KeyError:
+        raise BadRequest(f"unknown front end {name!r} (known: {', '.join(FRONTEND_DEFAULTS)})") from None
+
+
+def resolve_params(
+    request: GenerationParams | None,
+    model_defaults: GenerationParams | None,
+    frontend: str = "library",
+) -> GenerationParams:
+    """The one place a request's parameters are decided:
+    request > the model's own defaults > the front end's defaults > llama.cpp's."""
+    req = request if request is not None else GenerationParams()
+    return req.resolve(model_defaults, frontend_defaults(frontend))
+
 
 
 @dataclass
@@ -136,3 +305,7 @@ class GenerationResult:
             "usage": self.usage.to_dict(),
             "timings": self.timings.to_dict(),
         }
+
+
+# Kept for code written against 0.1: the same type.
+GenerationConfig = GenerationParams

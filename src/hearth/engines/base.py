@@ -1,13 +1,49 @@
-"""The Engine protocol every engine satisfies, and ``select_engine`` by model format."""
+"""The engine boundary: everything a front end (library, server, pool, metrics, CLI,
+bench) may use of a loaded model. Nothing outside ``engines/`` imports below this file.
+
+An engine takes *resolved* ``GenerationParams`` (``types.resolve_params``): deciding
+defaults is the front ends' business, running them is the engine's.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, Mapping, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
-from ..errors import InvalidModel, ModelNotFound, UnsupportedFormat
-from ..types import GenerationChunk, GenerationConfig, GenerationResult
+from ..gguf import ModelInfo, detect_format
+from ..planner import LoadPlan
+from ..types import GenerationChunk, GenerationParams, GenerationResult
+
+
+@runtime_checkable
+class Handle(Protocol):
+    """One submitted request. Iterate it (or ``async for`` it, when submitted with a
+    loop) for chunks; ``result()``/``aresult()`` wait for the final GenerationResult
+    and raise the request's error; ``cancel()`` frees its slot within one step."""
+
+    @property
+    def result_now(self) -> GenerationResult | None:
+        """The final result once the request has ended, else None."""
+        ...
+
+    def __iter__(self) -> Iterator[GenerationChunk]: ...
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]: ...
+
+    def result(self) -> GenerationResult: ...
+
+    async def aresult(self) -> GenerationResult: ...
+
+    def cancel(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    slots: int  # requests that can generate at once
+    active: int  # slots generating now
+    queued: int  # requests waiting for a slot
 
 
 @runtime_checkable
@@ -15,6 +51,15 @@ class Engine(Protocol):
     """A loaded model that can generate. One instance serves many threads at once."""
 
     name: str
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    @property
+    def n_embd(self) -> int: ...
+
+    @property
+    def n_ctx_per_slot(self) -> int: ...
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
 
@@ -24,66 +69,42 @@ class Engine(Protocol):
         """Prompt text for these messages and the stop strings the template implies."""
         ...
 
-    def stream(self, prompt: str | list[int], config: GenerationConfig) -> Iterator[GenerationChunk]:
-        """Yield chunks; the generator's ``.result`` holds the GenerationResult at the end."""
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: GenerationParams,
+        stream: bool = True,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Handle:
+        """Queue a request. Tokenizing and compiling its grammar happen here, in the
+        caller's thread: the server calls it from a worker, never on its event loop.
+        With ``loop``, the handle wakes that loop on each event (``async for``)."""
         ...
 
-    def generate(self, prompt: str | list[int], config: GenerationConfig) -> GenerationResult: ...
+    def embed(self, inputs: Sequence[str | list[int]], truncate: bool = False) -> tuple[list[list[float]], list[int]]:
+        """Unit-length mean-pooled vectors and each input's token count."""
+        ...
+
+    def stats(self) -> EngineStats: ...
 
     def close(self) -> None: ...
-
-
-# Formats we recognise but do not run, and what would run them.
-_OTHER_FORMATS = {
-    ".safetensors": "a safetensors checkpoint: convert it to GGUF with llama.cpp's "
-    "convert_hf_to_gguf.py, or run it with transformers or vLLM",
-    ".bin": "a PyTorch checkpoint: convert it to GGUF with llama.cpp's convert_hf_to_gguf.py",
-    ".pt": "a PyTorch checkpoint: convert it to GGUF with llama.cpp's convert_hf_to_gguf.py",
-    ".pth": "a PyTorch checkpoint: convert it to GGUF with llama.cpp's convert_hf_to_gguf.py",
-    ".onnx": "an ONNX model: run it with onnxruntime-genai",
-    ".npz": "an MLX/NumPy checkpoint: run it with mlx-lm on Apple silicon",
-    ".ggml": "an old GGML file: convert it to GGUF with llama.cpp's convert_llama_ggml_to_gguf.py",
-}
-
-
-def detect_format(path: str | os.PathLike[str]) -> str:
-    """'gguf', or raise a clear error naming what would serve this format."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelNotFound(f"{p}: no such file")
-    if p.is_dir():
-        names = {c.name for c in p.iterdir()} if os.access(p, os.R_OK) else set()
-        ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
-        if ggufs:
-            raise UnsupportedFormat(f"{p} is a directory; name one of its GGUF files, e.g. {p / ggufs[0]}")
-        if any(n.endswith(".safetensors") for n in names) and "config.json" in names:
-            if "mlx" in " ".join(names).lower() or any(n.endswith(".npz") for n in names):
-                raise UnsupportedFormat(f"no engine for {p}: an MLX model; run it with mlx-lm on Apple silicon")
-            raise UnsupportedFormat(
-                f"no engine for {p}: a Hugging Face safetensors model; convert it to GGUF with "
-                "llama.cpp's convert_hf_to_gguf.py, or run it with transformers or vLLM"
-            )
-        raise UnsupportedFormat(f"{p} is a directory, not a model file")
-    try:
-        with open(p, "rb") as f:
-            magic = f.read(4)
-    except PermissionError:
-        raise ModelNotFound(f"{p}: permission denied") from None
-    except OSError as e:
-        raise InvalidModel(f"{p}: cannot read: {e.strerror or e}") from None
-    if magic == b"GGUF":
-        return "gguf"
-    hint = _OTHER_FORMATS.get(p.suffix.lower())
-    if hint:
-        raise UnsupportedFormat(f"no engine for {p.name}: {hint}")
-    if p.suffix.lower() == ".gguf":
-        return "gguf"  # let the GGUF reader say exactly what is wrong
-    raise UnsupportedFormat(
-        f"no engine for {p.name}: not a GGUF file (hearth runs GGUF models on llama.cpp)"
-    )
 
 
 def select_engine(path: str | os.PathLike[str]) -> str:
     """The engine that runs this model file: today only 'llama.cpp' for GGUF."""
     fmt = detect_format(path)
     return {"gguf": "llama.cpp"}[fmt]
+
+
+def load_engine(info: ModelInfo, plan: LoadPlan, model_name: str = "", max_queue: int = 64) -> Engine:
+    """Load the model file with the engine that runs its format."""
+    engine = select_engine(info.path)
+    if engine == "llama.cpp":
+        from .llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(info, plan, model_name=model_name, max_queue=max_queue)
+    raise AssertionError(engine)  # pragma: no cover - select_engine raises first
+
+
+__all__ = ["Engine", "EngineStats", "Handle", "detect_format", "load_engine", "select_engine"]

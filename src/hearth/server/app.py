@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import Busy, HearthError
+from ..errors import BadRequest, Busy, HearthError
 from .pool import ModelPool
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
+        # the details go to the log, never to the client (paths, file contents, internals)
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(request.url.path, 500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+        return error_response(request.url.path, 500, "internal server error (see the server's log)",
+                              "internal_error")
 
 
 # -- middleware (plain ASGI, so streaming responses and disconnects pass untouched) -----
@@ -150,24 +152,30 @@ class GuardMiddleware:
 
 
 def create_app(
-    models: list[str] | None = None,
+    models: list[str | None] | None = None,
     api_key: str | None = None,
     load_options: Mapping[str, Any] | None = None,
+    aliases: list[str | None] | None = None,
 ) -> FastAPI:
     """The server. ``models`` load at startup (``/health`` says 503 until they have);
-    any other model a request names loads on first use. ``load_options`` are the
-    planner wishes (n_ctx, parallel, ...) every model is loaded with."""
+    the first is what a request that names no model gets, and ``aliases`` (by
+    position) are the names they are listed by. Any other model a request names loads
+    on first use. ``load_options`` are the planner wishes (n_ctx, parallel, ...) every
+    model is loaded with."""
     from .. import __version__
     from . import metrics, ollama, openai
 
     startup = list(models or [])
+    names = list(aliases or [])
+    if len(names) > len(startup):
+        raise BadRequest(f"{len(names)} aliases for {len(startup)} models: give one --alias per --model")
     pool = ModelPool(load_options)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def preload() -> None:
             try:
-                await pool.preload(startup)
+                await pool.preload(startup, names)
                 app.state.ready = True
             except HearthError as e:
                 app.state.startup_error = e.message
@@ -180,7 +188,7 @@ def create_app(
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-            await asyncio.to_thread(pool.close)
+            await pool.aclose()
 
     app = FastAPI(title="hearth", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.pool = pool

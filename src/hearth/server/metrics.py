@@ -42,10 +42,10 @@ class _PoolCollector:
         entries = self.pool.loaded()
         for e in entries:
             m = e.model
-            scheduler = m.engine.scheduler
-            queued.add_metric([m.name], scheduler.queue_depth)
-            active.add_metric([m.name], scheduler.active)
-            slots.add_metric([m.name], m.plan.parallel)
+            st = m.engine.stats()
+            queued.add_metric([m.name], st.queued)
+            active.add_metric([m.name], st.active)
+            slots.add_metric([m.name], st.slots)
             memory.add_metric([m.name], e.memory_bytes)
         loaded.add_metric([], len(entries))
         yield from (queued, active, slots, memory, loaded)

@@ -14,11 +14,11 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..engines.llamacpp.sampling import JSON_GRAMMAR
-from ..errors import BadRequest, HearthError, ModelNotFound
+from ..engines.base import Handle
+from ..errors import BadRequest, Cancelled, HearthError, ModelNotFound
 from ..gguf import ModelInfo, inspect_model
-from ..store import resolve_model
-from ..types import GenerationConfig, GenerationResult
+from ..types import GenerationParams, GenerationResult
+from . import work
 from .pool import Lease, LeasedStream, ModelPool, merge_streams, until_disconnected, with_lease
 from .protocol import (
     OllamaChatRequest,
@@ -34,18 +34,6 @@ from .protocol import (
 router = APIRouter(prefix="/api")
 log = logging.getLogger(__name__)
 
-# Ollama option -> GenerationConfig field
-_OPTIONS = {
-    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-    "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-}
-# accepted and not (yet) applied: loading is planned per model, not per request
-_IGNORED = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap",
-            "use_mlock", "numa", "low_vram", "typical_p", "penalize_newline", "mirostat",
-            "mirostat_tau", "mirostat_eta", "tfs_z", "vocab_only", "f16_kv", "logits_all"}
-
-
 def _pool(request: Request) -> ModelPool:
     return request.app.state.pool
 
@@ -56,27 +44,6 @@ def _now() -> str:
 
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
-
-
-def _config(req: _OllamaRequest) -> GenerationConfig:
-    kw: dict[str, Any] = {"max_tokens": None}  # Ollama's default: until the model stops
-    for k, v in (req.options or {}).items():
-        if k == "num_predict":
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise BadRequest(f"options.num_predict must be an integer, got {v!r}")
-            kw["max_tokens"] = v if v >= 0 else None  # -1 forever, -2 fill the context
-        elif k in _OPTIONS:
-            kw[_OPTIONS[k]] = v
-        elif k not in _IGNORED:
-            log.debug("ignoring unknown option %s", k)
-    if req.format == "json":
-        kw["grammar"] = JSON_GRAMMAR
-    elif isinstance(req.format, dict):
-        kw["json_schema"] = req.format
-    try:
-        return GenerationConfig.from_kwargs(None, **kw)
-    except TypeError as e:
-        raise BadRequest(f"invalid options: {e}") from None
 
 
 def _final(name: str, r: GenerationResult, load_seconds: float) -> dict[str, Any]:
@@ -102,51 +69,88 @@ async def _leased(request: Request, req: _OllamaRequest, handler: Any) -> Any:
     return await with_lease(_pool(request), req.model, handler, req.keep_alive)
 
 
-async def _run(
-    request: Request, stream: bool, name: str, lease: Lease,
-    prompt: str, cfg: GenerationConfig, piece: Any,
+async def start(
+    lease: Lease, params: GenerationParams, *, frontend: str = "ollama",
+    prompt: str | None = None, system: str | None = None, raw: bool = False,
+    messages: list[dict[str, Any]] | None = None,
+) -> Handle:
+    """Queue one generation: ``messages``, or a ``prompt`` (with ``system``) through the
+    chat template unless ``raw``. Rendering, tokenizing and grammar compilation run in
+    a worker. Shared by /api/generate, /api/chat and the daemon's /daemon/generate."""
+    model = lease.model
+    loop = asyncio.get_running_loop()
+
+    def prepare() -> Handle:
+        defaults = lease.defaults
+        if messages is None and raw:
+            text, resolved = prompt or "", model.params(params, frontend, defaults=defaults)
+        else:
+            msgs = messages
+            if msgs is None:
+                msgs = ([{"role": "system", "content": system}] if system else [])
+                msgs.append({"role": "user", "content": prompt or ""})
+            text, resolved = model.chat_prompt(msgs, params, frontend, defaults=defaults)
+        (handle,) = lease.submit([(text, resolved)], loop)
+        return handle
+
+    return await work.cpu(prepare)
+
+
+async def respond(
+    request: Request, lease: Lease, handle: Handle, stream: bool,
+    chunk_line: Any, final_line: Any, error_line: Any,
 ) -> Any:
-    """One generation; ``piece(text)`` is the per-chunk body (response or message)."""
-    load_s = lease.load_seconds
-    (handle,) = lease.submit([(prompt, cfg)])
+    """One generation as newline-delimited JSON (or one object when not streaming):
+    ``chunk_line(text)`` per piece, ``final_line(result)`` at the end, ``error_line(e)``
+    for an error after the headers went out."""
     if not stream:
         result = await until_disconnected(request, handle.aresult())
-        return JSONResponse({"model": name, "created_at": _now(), **piece(result.text), **_final(name, result, load_s)})
+        return JSONResponse(final_line(result, whole=True))
 
     async def body() -> AsyncIterator[bytes]:
         events = merge_streams([handle])
         try:
             async for _, ch, result in events:
                 if ch is not None and ch.text:
-                    yield _ndjson({"model": name, "created_at": _now(), **piece(ch.text), "done": False})
+                    yield _ndjson(chunk_line(ch.text))
                 elif result is not None:
-                    yield _ndjson({"model": name, "created_at": _now(), **piece(""), **_final(name, result, load_s)})
+                    yield _ndjson(final_line(result, whole=False))
                 if await request.is_disconnected():
                     return
         except HearthError as e:
-            yield _ndjson({"error": e.message})
+            yield _ndjson(error_line(e))
         finally:
             await events.aclose()
 
     return LeasedStream(lease, body(), media_type="application/x-ndjson")
 
 
+async def _run(request: Request, req: _OllamaRequest, lease: Lease, handle: Handle, piece: Any) -> Any:
+    """Ollama's lines: ``piece(text)`` is the per-chunk body (response or message)."""
+    name = req.model or lease.name
+    load_s = lease.load_seconds
+
+    def final(result: GenerationResult, whole: bool) -> dict[str, Any]:
+        return {"model": name, "created_at": _now(), **piece(result.text if whole else ""),
+                **_final(name, result, load_s)}
+
+    return await respond(request, lease, handle, req.stream,
+                         lambda text: {"model": name, "created_at": _now(), **piece(text), "done": False},
+                         final, lambda e: {"error": e.message})
+
+
 @router.post("/generate")
 async def generate(req: OllamaGenerateRequest, request: Request) -> Any:
     if req.images:
         raise BadRequest("images are not supported yet")
-    cfg = _config(req)
+    params = req.to_params()
 
     async def handler(lease: Lease) -> Any:
         if not req.prompt and not req.system:  # Ollama: an empty prompt just loads (or unloads) the model
-            return JSONResponse({"model": req.model, "created_at": _now(), "response": "", "done": True,
-                                 "done_reason": "unload" if lease.entry.keep_alive == 0 else "load"})
-        prompt, c = req.prompt, cfg
-        if not req.raw:
-            messages = ([{"role": "system", "content": req.system}] if req.system else [])
-            messages.append({"role": "user", "content": req.prompt})
-            prompt, c = lease.model.chat_prompt(messages, cfg)
-        return await _run(request, req.stream, req.model, lease, prompt, c, lambda t: {"response": t})
+            return JSONResponse({"model": req.model or lease.name, "created_at": _now(), "response": "",
+                                 "done": True, "done_reason": "unload" if lease.entry.keep_alive == 0 else "load"})
+        handle = await start(lease, params, prompt=req.prompt, system=req.system, raw=req.raw)
+        return await _run(request, req, lease, handle, lambda t: {"response": t})
 
     return await _leased(request, req, handler)
 
@@ -157,23 +161,23 @@ async def chat(req: OllamaChatRequest, request: Request) -> Any:
         raise BadRequest("images are not supported yet")
     if req.tools:
         raise BadRequest("tools are not supported yet")
-    cfg = _config(req)
+    params = req.to_params()
 
     async def handler(lease: Lease) -> Any:
         if not req.messages:  # Ollama: no messages just loads (or unloads) the model
-            return JSONResponse({"model": req.model, "created_at": _now(),
+            return JSONResponse({"model": req.model or lease.name, "created_at": _now(),
                                  "message": {"role": "assistant", "content": ""}, "done": True,
                                  "done_reason": "unload" if lease.entry.keep_alive == 0 else "load"})
-        prompt, c = lease.model.chat_prompt([{"role": m.role, "content": m.content} for m in req.messages], cfg)
-        return await _run(request, req.stream, req.model, lease, prompt, c,
-                          lambda t: {"message": {"role": "assistant", "content": t}})
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        handle = await start(lease, params, messages=messages)
+        return await _run(request, req, lease, handle, lambda t: {"message": {"role": "assistant", "content": t}})
 
     return await _leased(request, req, handler)
 
 
 async def _embed(request: Request, lease: Lease, inputs: list[str], truncate: bool) -> Any:
     model = lease.model
-    result = await asyncio.to_thread(model.embed, inputs, truncate=truncate)
+    result = await work.cpu(model.embed, inputs, truncate=truncate)
     pool = _pool(request)
     if pool.on_embed is not None:
         pool.on_embed(model.name, result.prompt_tokens)
@@ -193,7 +197,7 @@ async def embed(req: OllamaEmbedRequest, request: Request) -> Any:
                              f"dimensions, not {req.dimensions}")
         result = await _embed(request, lease, inputs, req.truncate)
         return JSONResponse({
-            "model": req.model, "embeddings": result.vectors,
+            "model": req.model or lease.name, "embeddings": result.vectors,
             "total_duration": _ns(time.perf_counter() - t0 + lease.load_seconds),
             "load_duration": _ns(lease.load_seconds), "prompt_eval_count": result.prompt_tokens,
         })
@@ -218,9 +222,14 @@ async def embeddings(req: OllamaEmbeddingsRequest, request: Request) -> Any:
 
 
 def _digest(info: ModelInfo) -> str:
-    """A stable id without hashing gigabytes: path, size and mtime."""
-    st = info.path.stat()
-    return hashlib.sha256(f"{info.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    """A stable id without hashing gigabytes: path, size and mtime (the path alone once
+    the file is gone: a loaded model whose file was deleted is still listed)."""
+    try:
+        st = info.path.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        stamp = "gone"
+    return hashlib.sha256(f"{info.path}:{stamp}".encode()).hexdigest()
 
 
 def _details(info: ModelInfo) -> dict[str, Any]:
@@ -243,32 +252,38 @@ def _modified(info: ModelInfo) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-async def _info(name: str) -> ModelInfo:
-    return await asyncio.to_thread(lambda: inspect_model(resolve_model(name, pull=False).path))
+async def _info(pool: ModelPool, name: str | None) -> ModelInfo:
+    target = await pool.target(name)
+    entry = next((e for e in pool.loaded() if e.key == target.key), None)
+    if entry is not None:
+        return entry.model.info
+    return await work.disk(inspect_model, target.path)
+
+
+def _tag(name: str, i: ModelInfo) -> dict[str, Any]:
+    return {"name": name, "model": name, "modified_at": _modified(i), "size": i.file_size,
+            "digest": _digest(i), "details": _details(i)}
 
 
 @router.get("/tags")
 async def tags(request: Request) -> JSONResponse:
     pool = _pool(request)
-    infos: dict[str, ModelInfo] = {e.model.name: e.model.info for e in pool.loaded()}
-    for name in pool.installed_names():
-        if name not in infos:
+    loaded = {e.model.name: e.model.info for e in pool.loaded()}
+    out = []
+    for name in await pool.installed_names():
+        info = loaded.get(name)
+        if info is None:
             try:
-                infos[name] = await _info(name)
+                info = await _info(pool, name)
             except HearthError:
                 continue
-    return JSONResponse({"models": [
-        {"name": n, "model": n, "modified_at": _modified(i), "size": i.file_size, "digest": _digest(i), "details": _details(i)}
-        for n, i in infos.items()
-    ]})
+        out.append(await work.disk(_tag, name, info))
+    return JSONResponse({"models": out})
 
 
 @router.post("/show")
-async def show(req: OllamaShowRequest) -> JSONResponse:
-    name = req.model or req.name
-    if not name:
-        raise BadRequest("model is required")
-    info = await _info(name)
+async def show(req: OllamaShowRequest, request: Request) -> JSONResponse:
+    info = await _info(_pool(request), req.model or req.name)
     return JSONResponse({
         "modelfile": f"FROM {info.path}\n",
         "parameters": "",
@@ -284,7 +299,7 @@ async def show(req: OllamaShowRequest) -> JSONResponse:
             f"{info.architecture}.attention.head_count_kv": info.head_count_kv,
         },
         "capabilities": ["completion"],
-        "modified_at": _modified(info),
+        "modified_at": await work.disk(_modified, info),
     })
 
 
@@ -295,12 +310,14 @@ def _expires(t: float | None) -> str:
 
 
 @router.post("/pull")
-async def pull(req: OllamaPullRequest) -> Any:
+async def pull(req: OllamaPullRequest, request: Request) -> Any:
     """Pull a catalog or hf.co model into hearth's store, with Ollama's progress lines:
     "pulling manifest", one "pulling <digest>" per file with total/completed, "verifying
-    sha256 digest", "writing manifest", "success"."""
-    from ..store import local
+    sha256 digest", "writing manifest", "success". A client that leaves stops the
+    transfer (what was received is kept: the next pull resumes it)."""
+    import threading
 
+    from ..store import local
     from ..store.catalog import load_catalog
     from ..store.pull import parse_hf_ref
     from ..store.registry import KNOWN_MODELS
@@ -312,13 +329,16 @@ async def pull(req: OllamaPullRequest) -> Any:
         return JSONResponse({"status": "success"}) if not req.stream else StreamingResponse(
             iter([_ndjson({"status": "success"})]), media_type="application/x-ndjson")
     # an unknown name or tag is a 404 now, not an error line inside a 200 stream
-    if parse_hf_ref(name) is None and load_catalog().lookup(name) is None:
+    if parse_hf_ref(name) is None and await work.disk(lambda: load_catalog().lookup(name)) is None:
         raise ModelNotFound(local.unknown_message(name))
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     last: dict[str, int] = {}
+    stop = threading.Event()
 
     def progress(file: str, done: int, total: int) -> None:
+        if stop.is_set():
+            raise Cancelled("the client disconnected")
         pct = done * 100 // total if total else 0
         if last.get(file) == pct and done != total:
             return
@@ -326,29 +346,42 @@ async def pull(req: OllamaPullRequest) -> Any:
         loop.call_soon_threadsafe(queue.put_nowait, {
             "status": f"pulling {file}", "digest": file, "total": total, "completed": done})
 
-    def work() -> Any:
+    def job() -> Any:
         try:
             return local.pull(name, progress=progress)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
+    task = asyncio.ensure_future(work.pull(job))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned pull's error is not news
     if not req.stream:
-        await asyncio.to_thread(work)
+        try:
+            await until_disconnected(request, asyncio.shield(task))
+        finally:
+            stop.set()  # the client left: the transfer stops at its next chunk
         return JSONResponse({"status": "success"})
 
-    task = asyncio.ensure_future(asyncio.to_thread(work))
+    async def watch() -> None:  # between progress lines nothing is sent: listen for the client leaving
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stop.set()
 
     async def body() -> AsyncIterator[bytes]:
-        yield _ndjson({"status": "pulling manifest"})
-        while (item := await queue.get()) is not None:
-            yield _ndjson(item)
+        watcher = asyncio.ensure_future(watch())
         try:
-            await task
-        except HearthError as e:
-            yield _ndjson({"error": e.message})
-            return
-        for status in ("verifying sha256 digest", "writing manifest", "success"):
-            yield _ndjson({"status": status})
+            yield _ndjson({"status": "pulling manifest"})
+            while (item := await queue.get()) is not None:
+                yield _ndjson(item)
+            try:
+                await task
+            except HearthError as e:
+                yield _ndjson({"error": e.message})
+                return
+            for status in ("verifying sha256 digest", "writing manifest", "success"):
+                yield _ndjson({"status": status})
+        finally:
+            watcher.cancel()
+            stop.set()  # the client left (or we are done): a transfer still running stops
 
     return StreamingResponse(body(), media_type="application/x-ndjson")
 
@@ -361,7 +394,7 @@ async def delete(request: Request, req: OllamaDeleteRequest) -> JSONResponse:
     name = req.model or req.name
     if not name:
         raise BadRequest("model is required")
-    canon, _deleted, _kept = await asyncio.to_thread(remove_model, name)
+    canon, _deleted, _kept = await work.disk(remove_model, name)
     await _pool(request).forget(canon)
     if canon != name:
         await _pool(request).forget(name)
@@ -375,7 +408,8 @@ async def ps(request: Request) -> JSONResponse:
         info, plan = e.model.info, e.model.plan
         mem = plan.memory
         out.append({
-            "name": e.model.name, "model": e.model.name, "size": mem.ram + mem.vram, "digest": _digest(info),
+            "name": e.model.name, "model": e.model.name, "size": mem.ram + mem.vram,
+            "digest": await work.disk(_digest, info),
             "details": _details(info),
             "expires_at": _expires(e.expires_at),
             "size_vram": mem.vram, "context_length": plan.n_ctx,

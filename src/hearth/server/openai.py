@@ -13,18 +13,11 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..engines.llamacpp.sampling import JSON_GRAMMAR
 from ..errors import BadRequest, HearthError
-from ..types import GenerationConfig, GenerationResult, Usage
+from ..types import GenerationParams, GenerationResult, Usage
+from . import work
 from .pool import Lease, LeasedStream, ModelPool, gather_results, merge_streams, until_disconnected, with_lease
-from .protocol import (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    EmbeddingRequest,
-    ResponseFormat,
-    _Sampling,
-)
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
 
 router = APIRouter(prefix="/v1")
 
@@ -45,57 +38,11 @@ def _usage(results: list[GenerationResult]) -> dict[str, Any]:
     ).to_dict()
 
 
-def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for k, v in (raw or {}).items():
-        try:
-            tok = int(k)
-        except ValueError:
-            raise BadRequest(f"logit_bias keys must be token ids, got {k!r}") from None
-        if not -100.0 <= v <= 100.0:
-            raise BadRequest(f"logit_bias values must be in -100..100, got {v} for token {tok}")
-        out[tok] = v
-    return out
-
-
-def _format(fmt: ResponseFormat | None) -> dict[str, Any]:
-    if fmt is None or fmt.type == "text":
-        return {}
-    if fmt.type == "json_object":
-        return {"grammar": JSON_GRAMMAR}
-    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise BadRequest("response_format json_schema needs json_schema.schema")
-    return {"json_schema": fmt.json_schema.schema_}
-
-
-def _config(req: _Sampling, max_tokens: int | None, fmt: ResponseFormat | None) -> GenerationConfig:
-    """OpenAI parameters -> GenerationConfig; what is not given keeps hearth's defaults."""
-    kw: dict[str, Any] = {
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "top_k": req.top_k,
-        "min_p": req.min_p,
-        "repeat_penalty": req.repeat_penalty,
-        "ignore_eos": req.ignore_eos,
-        "presence_penalty": req.presence_penalty,
-        "frequency_penalty": req.frequency_penalty,
-        "stop": req.stop,
-        "logit_bias": _logit_bias(req.logit_bias) or None,
-        **_format(fmt),
-    }
-    cfg = GenerationConfig.from_kwargs(None, **{k: v for k, v in kw.items() if v is not None})
-    if max_tokens is not None:
-        cfg = GenerationConfig.from_kwargs(cfg, max_tokens=max_tokens)
-    if req.seed is not None:
-        cfg = GenerationConfig.from_kwargs(cfg, seed=req.seed)
-    return cfg
-
-
-def _per_choice(cfg: GenerationConfig, n: int) -> list[GenerationConfig]:
+def _per_choice(params: GenerationParams, n: int) -> list[GenerationParams]:
     """With a seed, choice i uses seed + i: reproducible, yet not n copies of one answer."""
-    if n == 1 or cfg.seed is None:
-        return [cfg] * n
-    return [GenerationConfig.from_kwargs(cfg, seed=cfg.seed + i) for i in range(n)]
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [params.updated(seed=params.seed + i) for i in range(n)]
 
 
 def _message_text(m: ChatMessage) -> str:
@@ -133,23 +80,27 @@ def _stream(request: Request, events: AsyncIterator[bytes], lease: Lease) -> Str
 # -- routes ----------------------------------------------------------------------------
 
 
+def _created(pool: ModelPool, key: Any) -> int:
+    entry = next((e for e in pool.loaded() if e.key == key), None)
+    return int(entry.loaded_at) if entry is not None else 0
+
+
 @router.get("/models")
 async def list_models(request: Request) -> JSONResponse:
     pool = _pool(request)
-    seen: dict[str, int] = {}
-    for e in pool.loaded():
-        seen.setdefault(e.model.name, int(e.loaded_at))
-    for name in pool.installed_names():
-        seen.setdefault(name, 0)
+    created = {e.model.name: int(e.loaded_at) for e in pool.loaded()}
     return JSONResponse({"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": "hearth"} for name, created in seen.items()
+        {"id": name, "object": "model", "created": created.get(name, 0), "owned_by": "hearth"}
+        for name in await pool.installed_names()
     ]})
 
 
 @router.get("/models/{model:path}")
 async def get_model(model: str, request: Request) -> JSONResponse:
-    entry, _ = await _pool(request).get(model)
-    return JSONResponse({"id": model, "object": "model", "created": int(entry.loaded_at), "owned_by": "hearth"})
+    """A model the server knows, without loading it (404 otherwise)."""
+    pool = _pool(request)
+    target = await pool.target(model)
+    return JSONResponse({"id": model, "object": "model", "created": _created(pool, target.key), "owned_by": "hearth"})
 
 
 @router.post("/chat/completions")
@@ -159,18 +110,22 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         raise BadRequest("logprobs are not supported yet")
     if req.tools:
         raise BadRequest("tools are not supported yet")
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    cfg = _config(req, max_tokens, req.response_format)
-    return await with_lease(_pool(request), req.model, lambda lease: _chat(req, request, lease, messages, cfg))
+    params = req.to_params()
+    return await with_lease(_pool(request), req.model, lambda lease: _chat(req, request, lease, messages, params))
 
 
 async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease,
-                messages: list[dict[str, Any]], cfg: GenerationConfig) -> Any:
+                messages: list[dict[str, Any]], params: GenerationParams) -> Any:
     model = lease.model
-    text, cfg = model.chat_prompt(messages, cfg)
-    name = req.model or model.name
+    name = req.model or lease.name
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    handles = lease.submit([(text, c) for c in _per_choice(cfg, req.n)])
+    loop = asyncio.get_running_loop()
+
+    def prepare() -> list[Any]:  # template, tokens, grammar: in a worker, not on the loop
+        text, resolved = model.chat_prompt(messages, params, "openai", defaults=lease.defaults)
+        return lease.submit([(text, p) for p in _per_choice(resolved, req.n)], loop)
+
+    handles = await work.cpu(prepare)
 
     if not req.stream:
         results = await until_disconnected(request, gather_results(handles))
@@ -228,18 +183,24 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     if req.suffix:
         raise BadRequest("suffix (fill-in-the-middle) is not supported yet")
     prompts = _prompts(req.prompt)
-    cfg = _config(req, req.max_tokens if req.max_tokens is not None else 16, req.response_format)
-    return await with_lease(_pool(request), req.model, lambda lease: _complete(req, request, lease, prompts, cfg))
+    params = req.to_params()
+    return await with_lease(_pool(request), req.model, lambda lease: _complete(req, request, lease, prompts, params))
 
 
 async def _complete(req: CompletionRequest, request: Request, lease: Lease,
-                    prompts: list[str | list[int]], cfg: GenerationConfig) -> Any:
+                    prompts: list[str | list[int]], params: GenerationParams) -> Any:
     model = lease.model
-    name = req.model or model.name
+    name = req.model or lease.name
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    cfgs = _per_choice(cfg, req.n)
-    handles = lease.submit([(p, c) for p in prompts for c in cfgs])  # index = prompt * n + choice
-    echo = [(p if isinstance(p, str) else model.detokenize(p)) if req.echo else "" for p in prompts]
+    loop = asyncio.get_running_loop()
+
+    def prepare() -> tuple[list[Any], list[str]]:  # tokens, grammar, echo: in a worker
+        choices = _per_choice(model.params(params, "openai-completions", defaults=lease.defaults), req.n)
+        handles = lease.submit([(p, c) for p in prompts for c in choices], loop)  # index = prompt * n + choice
+        echo = [(p if isinstance(p, str) else model.detokenize(p)) if req.echo else "" for p in prompts]
+        return handles, echo
+
+    handles, echo = await work.cpu(prepare)
 
     if not req.stream:
         results = await until_disconnected(request, gather_results(handles))
@@ -305,7 +266,7 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> JSONResponse:
         if req.dimensions is not None and req.dimensions != model.engine.n_embd:
             raise BadRequest(f"dimensions: this model's embeddings have {model.engine.n_embd} dimensions, "
                              f"not {req.dimensions}")
-        result = await asyncio.to_thread(model.embed, inputs)
+        result = await work.cpu(model.embed, inputs)
         pool = _pool(request)
         if pool.on_embed is not None:
             pool.on_embed(model.name, result.prompt_tokens)
@@ -315,6 +276,6 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> JSONResponse:
     return JSONResponse({
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)],
-        "model": req.model or model.name,
+        "model": req.model or lease.name,
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     })

@@ -7,14 +7,21 @@ server default (``keep_alive`` setting, 5 minutes), forever for the models loade
 startup, or what the last request that named one asked for (Ollama's ``keep_alive``:
 ``"5m"``, ``30``, ``0`` = unload after this request, negative = forever). A model's
 ``expires_at`` is its last release plus its keep-alive; a background task unloads
-expired idle models. Before a load, if the planner's memory estimate for the new
-model does not fit in available RAM, idle models are unloaded, least recently used
-first, until it does (or none is left to unload).
+expired idle models. Loads happen one at a time. Before a load, if the planner's
+memory estimate for the new model does not fit in available RAM (and free VRAM),
+idle models are unloaded, least recently used first, until it does (or none is left
+to unload).
+
+Names: every id the server lists (``/v1/models``, ``/api/tags``, ``/api/ps``) names a
+pool entry. A model served from a path answers to its alias (``serve --alias``), its
+file name, its stem and its path; any name is resolved once to the real file, and the
+pool holds one entry per file (device and inode), however it was named.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -22,17 +29,18 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from ..api import Model, load_model, plan_model
-from ..engines.llamacpp.scheduler import RequestHandle
-from ..errors import BadRequest, Cancelled, DoesNotFit, HearthError
-from ..store import resolve_model
-from ..types import GenerationChunk, GenerationConfig, GenerationResult
+from ..api import Model, ModelDefaults, load_model, plan_model
+from ..engines.base import Handle
+from ..errors import BadRequest, Cancelled, DoesNotFit, EngineError, HearthError, ModelNotFound
+from ..store import ResolvedModel, resolve_model
+from ..types import GenerationChunk, GenerationParams, GenerationResult
+from . import work
 
 T = TypeVar("T")
 
@@ -76,10 +84,41 @@ def _available_ram() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def _free_vram() -> int:
+    from ..hardware import detect_hardware
+
+    hw = detect_hardware()
+    return hw.free_vram
+
+
+FileKey = tuple[int, int]  # (st_dev, st_ino) of the real file
+
+
+def file_key(path: Path) -> FileKey:
+    st = os.stat(path)  # follows symlinks: the file itself
+    return (st.st_dev, st.st_ino)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a requested model name resolves to: the file and how to load it."""
+
+    key: FileKey
+    model: ResolvedModel  # its ``name`` is the name the server shows
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def path(self) -> Path:
+        return self.model.path
+
+
 @dataclass
 class Loaded:
     model: Model
-    key: Path
+    key: FileKey
     load_seconds: float
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
@@ -97,8 +136,8 @@ class Loaded:
         self.expires_at = None if self.keep_alive is None else self.last_used + self.keep_alive
 
     def busy(self) -> bool:
-        scheduler = self.model.engine.scheduler
-        return self.leases > 0 or scheduler.active > 0 or scheduler.queue_depth > 0
+        st = self.model.engine.stats()
+        return self.leases > 0 or st.active > 0 or st.queued > 0
 
 
 class Lease:
@@ -108,21 +147,39 @@ class Lease:
     (metrics) on release.
     """
 
-    def __init__(self, pool: ModelPool, entry: Loaded, load_seconds: float) -> None:
+    def __init__(self, pool: ModelPool, entry: Loaded, load_seconds: float, target: Target) -> None:
         self.pool = pool
         self.entry = entry
         self.load_seconds = load_seconds
-        self.handles: list[RequestHandle] = []
+        self.target = target
+        self.handles: list[Handle] = []
         self._released = False
 
     @property
     def model(self) -> Model:
         return self.entry.model
 
-    def submit(self, jobs: list[tuple[str | list[int], GenerationConfig]]) -> list[RequestHandle]:
-        handles = submit_all(self.entry.model, jobs)
+    @property
+    def name(self) -> str:
+        """The name the request reached the model by (its alias, an Ollama name, ...)."""
+        return self.target.name
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        """That name's defaults: an Ollama model's parameters and system prompt apply to
+        its requests even when another name loaded the same file."""
+        return self.entry.model.defaults_for(self.target.model.defaults, self.target.model.system)
+
+    def submit(self, jobs: list[tuple[str | list[int], GenerationParams]],
+               loop: asyncio.AbstractEventLoop) -> list[Handle]:
+        """Queue every job (resolved params), from a worker thread: tokenizing and
+        grammar compilation happen here. Errors surface before a response starts."""
+        handles = submit_all(self.entry.model, jobs, loop)
         self.handles.extend(handles)
         return handles
+
+    async def asubmit(self, jobs: list[tuple[str | list[int], GenerationParams]]) -> list[Handle]:
+        return await work.cpu(self.submit, jobs, asyncio.get_running_loop())
 
     def release(self) -> None:
         if not self._released:
@@ -146,7 +203,7 @@ class LeasedStream(StreamingResponse):
 
 
 class ModelPool:
-    """Requested model name or path -> loaded Model, one per file.
+    """Requested model name -> loaded Model, one per file.
 
     Concurrent first requests for one model share one load: the load is a task per
     file, awaited through ``shield`` so a caller that goes away does not abort it.
@@ -157,6 +214,7 @@ class ModelPool:
         load_options: Mapping[str, Any] | None = None,
         keep_alive: str | int | float | None = None,
         available_ram: Callable[[], int] | None = None,
+        free_vram: Callable[[], int] | None = None,
     ) -> None:
         self.load_options = dict(load_options or {})
         if keep_alive is None:
@@ -165,35 +223,81 @@ class ModelPool:
             keep_alive = getattr(load_config(), "keep_alive", None)
         self.keep_alive = DEFAULT_KEEP_ALIVE if keep_alive is None else parse_keep_alive(keep_alive)
         self.available_ram = available_ram or _available_ram
+        self.free_vram = free_vram or _free_vram
         self.on_result: Callable[[str, GenerationResult], None] | None = None  # metrics hooks
         self.on_embed: Callable[[str, int], None] | None = None  # (model, prompt tokens)
-        self._loaded: dict[Path, Loaded] = {}
-        self._loading: dict[Path, asyncio.Task[Loaded]] = {}
-        self._waiters: dict[Path, int] = {}  # requests awaiting a load: it must not be unloaded under them
-        self._aliases: dict[str, tuple[Path, str]] = {}  # requested -> (file, what to load)
+        self._loaded: dict[FileKey, Loaded] = {}
+        self._loading: dict[FileKey, asyncio.Task[Loaded]] = {}
+        self._waiters: dict[FileKey, int] = {}  # requests awaiting a load: it must not be unloaded under them
+        self._names: dict[str, Target] = {}  # a name a client may send (lower case) -> its target
+        self._served: list[Target] = []  # the models given at startup, in order (the first is the default)
+        self._load_lock: asyncio.Lock | None = None  # made on the loop: one load at a time
         self._reaper: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._unloading: set[asyncio.Future[Any]] = set()
         self._closed = False
 
+    # -- names ------------------------------------------------------------------------
+
+    def _remember(self, target: Target, *names: str) -> None:
+        for n in (target.name, *names):
+            if n:
+                self._names[n.strip().lower()] = target
+
+    async def serve(self, spec: str | None, alias: str | None = None) -> Target:
+        """Add a startup model: the default for requests that name none (the first), and
+        listed by its alias, else its name (a file's name for a path)."""
+        target = await self.target(spec)
+        if alias:
+            target = Target(target.key, dataclasses.replace(target.model, name=alias))
+        path = target.path
+        self._remember(target, str(path), path.name, path.stem, *([spec] if spec else []))
+        self._served.append(target)
+        return target
+
+    async def target(self, name: str | None) -> Target:
+        """Resolve a requested name (off the event loop); None or "" is the default model."""
+        if not name or not name.strip():
+            if self._served:
+                return self._served[0]
+            name = None
+        key = name.strip().lower() if name else ""
+        hit = self._names.get(key) if key else None
+        if hit is not None:
+            return hit
+        # a server never starts a multi-gigabyte pull inside a request: that is `models pull`
+        resolved = await work.disk(resolve_model, name, pull=False)
+        try:
+            fkey = await work.disk(file_key, resolved.path)
+        except OSError as e:
+            raise ModelNotFound(f"{resolved.name}: its file is gone ({e.strerror or e})") from None
+        # one loaded model per file; the target keeps this name's own defaults and system
+        target = Target(fkey, resolved)
+        if key:
+            self._names[key] = target
+        return target
+
+    def served_names(self) -> list[str]:
+        return [t.name for t in self._served]
+
+    def names_of(self, key: FileKey) -> list[str]:
+        """Every name this pool has seen for one file."""
+        return sorted({n for n, t in self._names.items() if t.key == key})
+
+    # -- leases -----------------------------------------------------------------------
+
     async def acquire(self, name: str | None, keep_alive: str | int | float | None = None) -> Lease:
         """Lease the model (loading it if needed); ``keep_alive``, if given, becomes its keep-alive."""
         ka = parse_keep_alive(keep_alive) if keep_alive is not None else ...
         self._start_reaper()
-        requested = name or ""
-        alias = self._aliases.get(requested)
-        if alias is None:
-            # a server never starts a multi-gigabyte pull inside a request: that is `models pull`
-            resolved = await asyncio.to_thread(resolve_model, name or None, pull=False)  # may assemble a file
-            spec = os.fspath(resolved.path) if resolved.source == "local" else resolved.name
-            alias = self._aliases[requested] = (resolved.path, spec)
-        key, spec = alias
+        target = await self.target(name)
+        key = target.key
         entry = self._loaded.get(key)
         waited = 0.0
         if entry is None:
             task = self._loading.get(key)
             if task is None:
-                task = self._loading[key] = asyncio.ensure_future(self._load(key, spec))
+                task = self._loading[key] = asyncio.ensure_future(self._load(target))
             t0 = time.perf_counter()
             self._waiters[key] = self._waiters.get(key, 0) + 1
             try:
@@ -207,23 +311,17 @@ class ModelPool:
         if ka is not ...:
             entry.keep_alive = ka
         entry.touch()
-        return Lease(self, entry, waited)
-
-    async def get(self, name: str | None) -> tuple[Loaded, float]:
-        """The loaded model, and the seconds this call spent loading it (0 if it was loaded).
-        Holds no lease: for a quick look, not for running requests."""
-        lease = await self.acquire(name)
-        lease.release()
-        return lease.entry, lease.load_seconds
+        return Lease(self, entry, waited, target)
 
     def _release(self, lease: Lease) -> None:
         entry = lease.entry
         entry.leases -= 1
         if self.on_result is not None:
             for h in lease.handles:
-                if h.request.result is not None:
+                result = h.result_now
+                if result is not None:
                     try:
-                        self.on_result(entry.model.name, h.request.result)
+                        self.on_result(entry.model.name, result)
                     except Exception:  # pragma: no cover - metrics must not fail a request
                         log.exception("on_result hook failed")
         entry.touch()
@@ -232,39 +330,58 @@ class ModelPool:
         elif self._wake is not None:
             self._wake.set()
 
-    async def _load(self, key: Path, spec: str) -> Loaded:
+    # -- loading and unloading ----------------------------------------------------------
+
+    def _lock(self) -> asyncio.Lock:
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+        return self._load_lock
+
+    async def _load(self, target: Target) -> Loaded:
         try:
-            await self._make_room(spec)
-            t0 = time.perf_counter()
-            model = await asyncio.to_thread(load_model, spec, **self.load_options)
-            entry = Loaded(model, key, time.perf_counter() - t0, keep_alive=self.keep_alive)
-            entry.touch()
-            self._loaded[key] = entry
-            log.info("loaded %s in %.2fs (%r)", spec, entry.load_seconds, model)
+            async with self._lock():  # one load at a time: each sees the memory the last one took
+                entry = await self._load_locked(target, self.keep_alive)
+            self._loaded[target.key] = entry
+            self._remember(target)
             return entry
         finally:
-            self._loading.pop(key, None)
+            self._loading.pop(target.key, None)
 
-    async def _make_room(self, spec: str) -> None:
+    async def _load_locked(self, target: Target, keep_alive: float | None) -> Loaded:
+        if self._closed:
+            raise EngineError("the server is shutting down")
+        await self._make_room(target)
+        t0 = time.perf_counter()
+        model = await work.load(load_model, target.model, **self.load_options)
+        if self._closed:  # shut down while it loaded: nobody will close it later
+            await work.load(model.close)
+            raise EngineError("the server is shutting down")
+        entry = Loaded(model, target.key, time.perf_counter() - t0, keep_alive=keep_alive)
+        entry.touch()
+        log.info("loaded %s in %.2fs (%r)", target.name, entry.load_seconds, model)
+        return entry
+
+    async def _make_room(self, target: Target) -> None:
         """Unload idle models, least recently used first, until the new one's planned
-        RAM fits in what is available (or nothing idle is left)."""
+        RAM and VRAM fit in what is available (or nothing idle is left)."""
         while True:
             idle = [e for e in self._loaded.values() if not e.busy() and not self._waiters.get(e.key)]
             if not idle:
                 return
             try:
-                plan = await asyncio.to_thread(plan_model, spec, **self.load_options)
-                need = plan.memory.ram
+                plan = await work.disk(plan_model, target.model, **self.load_options)
+                need: tuple[int, int] | None = (plan.memory.ram, plan.memory.vram)
             except DoesNotFit:
                 need = None  # perhaps it fits once others are gone
             except HearthError:
                 return  # the load itself will report it
-            available = await asyncio.to_thread(self.available_ram)
-            if need is not None and need <= available:
+            ram = await work.disk(self.available_ram)
+            vram = await work.disk(self.free_vram) if need is None or need[1] > 0 else 0
+            if need is not None and need[0] <= ram and need[1] <= vram:
                 return
             victim = min(idle, key=lambda e: e.last_used)
-            log.info("unloading %s to make room for %s (needs %s bytes, %s available)",
-                     victim.model.name, spec, need, available)
+            log.info("unloading %s to make room for %s (needs %s bytes of RAM and VRAM, %s and %s available)",
+                     victim.model.name, target.name, need, ram, vram)
             await self._unload(victim, "memory")
 
     def _unload(self, entry: Loaded, why: str) -> asyncio.Future[Any]:
@@ -272,7 +389,7 @@ class ModelPool:
         if self._loaded.get(entry.key) is entry:
             del self._loaded[entry.key]
         log.info("unloading %s (%s)", entry.model.name, why)
-        fut = asyncio.ensure_future(asyncio.to_thread(entry.model.close))
+        fut = asyncio.ensure_future(work.load(entry.model.close))
         self._unloading.add(fut)
         fut.add_done_callback(self._unloading.discard)
         return fut
@@ -303,52 +420,103 @@ class ModelPool:
             except asyncio.TimeoutError:
                 pass
 
-    async def preload(self, names: list[str]) -> None:
-        """Load the startup models; they stay loaded (keep-alive forever) unless a
-        request says otherwise."""
-        for name in names:
-            (await self.acquire(name, keep_alive=-1)).release()
+    async def preload(self, names: Sequence[str | None], aliases: Sequence[str | None] = ()) -> None:
+        """Serve and load the startup models; they stay loaded (keep-alive forever)
+        unless a request says otherwise."""
+        aliases = list(aliases) + [None] * (len(names) - len(aliases))
+        for name, alias in zip(names, aliases):
+            target = await self.serve(name, alias)
+            (await self.acquire(target.name, keep_alive=-1)).release()
+
+    async def reload(self, names: Sequence[str | None], aliases: Sequence[str | None] = ()) -> list[str]:
+        """Load the startup models afresh (the config may have changed) and swap them in.
+
+        The new copies load first, so a failure leaves the old ones serving. A model
+        replaced while requests run on it unloads when the last of them is done.
+        """
+        aliases = list(aliases) + [None] * (len(names) - len(aliases))
+        async with self._lock():
+            fresh: list[tuple[Target, Loaded]] = []
+            try:
+                for name, alias in zip(names, aliases):
+                    resolved = await work.disk(resolve_model, name, pull=False)
+                    target = Target(await work.disk(file_key, resolved.path),
+                                    dataclasses.replace(resolved, name=alias) if alias else resolved)
+                    fresh.append((target, await self._load_locked(target, None)))
+            except BaseException:
+                for _, entry in fresh:
+                    await work.load(entry.model.close)
+                raise
+            for old in self._served:  # no longer startup models: ordinary keep-alive
+                e = self._loaded.get(old.key)
+                if e is not None:
+                    e.keep_alive = self.keep_alive
+                    e.touch()
+            self._served = []
+            self._names = {}
+            for target, entry in fresh:
+                old = self._loaded.pop(target.key, None)
+                if old is not None:
+                    self._retire(old)
+                self._loaded[target.key] = entry
+                path = target.path
+                self._remember(target, str(path), path.name, path.stem)
+                self._served.append(target)
+        return [t.name for t, _ in fresh]
+
+    def _retire(self, entry: Loaded) -> None:
+        """Out of the pool; unloaded now if idle, else when its last lease ends."""
+        if entry.busy():
+            entry.keep_alive = 0  # its last lease's release unloads it
+        else:
+            fut = asyncio.ensure_future(work.load(entry.model.close))
+            self._unloading.add(fut)
+            fut.add_done_callback(self._unloading.discard)
 
     async def forget(self, name: str) -> None:
         """A model was deleted: unload it (once its running requests finish) and drop
         the names that pointed at it."""
         key = name.strip().lower()
+        target = self._names.get(key)
         for entry in list(self._loaded.values()):
-            if entry.model.name.lower() != key:
+            if entry.model.name.lower() != key and (target is None or entry.key != target.key):
                 continue
             if entry.busy():
                 entry.keep_alive = 0  # unloads when its last lease is released
             else:
                 await self._unload(entry, "deleted")
-            self._aliases = {k: v for k, v in self._aliases.items() if v[0] != entry.key}
-        self._aliases.pop(name, None)
+            self._names = {k: v for k, v in self._names.items() if v.key != entry.key}
+        self._names.pop(key, None)
 
     def loaded(self) -> list[Loaded]:
         return list(self._loaded.values())
 
-    @staticmethod
-    def installed_names() -> list[str]:
-        """Models that can run without a download: embedded, pulled, in the Ollama store."""
+    async def installed_names(self) -> list[str]:
+        """Every id a client may use without a download: the startup models, the loaded
+        ones, then embedded, pulled and Ollama-store models (scanned off the loop)."""
         from ..store.registry import installed
 
-        return [m.name for m in installed(details=False)]  # the caller reads what it shows
+        names = [*self.served_names(), *(e.model.name for e in self._loaded.values())]
+        names += [m.name for m in await work.disk(installed, details=False)]
+        return list(dict.fromkeys(names))
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Stop the reaper, wait for loads in progress and free every model."""
         self._closed = True
-        reaper = self._reaper
-        if reaper is not None and not reaper.done():
+        if self._reaper is not None:
+            self._reaper.cancel()
+        loading = list(self._loading.values())
+        if loading:  # a load's thread cannot be interrupted: let it finish, then free it
+            await asyncio.gather(*loading, return_exceptions=True)
+        entries = list(self._loaded.values())
+        self._loaded.clear()
+        for entry in entries:
             try:
-                reaper.get_loop().call_soon_threadsafe(reaper.cancel)
-            except RuntimeError:  # the loop is closed already
-                pass
-        for task in self._loading.values():
-            task.cancel()
-        for entry in self._loaded.values():
-            try:
-                entry.model.close()
+                await work.load(entry.model.close)
             except Exception:  # pragma: no cover - best effort at shutdown
                 log.exception("closing %s", entry.model.name)
-        self._loaded.clear()
+        if self._unloading:
+            await asyncio.gather(*self._unloading, return_exceptions=True)
 
 
 # -- running requests on a pooled model ------------------------------------------------
@@ -356,12 +524,13 @@ class ModelPool:
 # request's GenerationResult (usage, timings) and closing it cancels the request.
 
 
-def submit_all(model: Model, jobs: list[tuple[str | list[int], GenerationConfig]]) -> list[RequestHandle]:
+def submit_all(model: Model, jobs: list[tuple[str | list[int], GenerationParams]],
+               loop: asyncio.AbstractEventLoop) -> list[Handle]:
     """Queue every job now, so errors (context, busy) surface before a response starts."""
-    handles: list[RequestHandle] = []
+    handles: list[Handle] = []
     try:
-        for prompt, cfg in jobs:
-            handles.append(model.submit(prompt, cfg, asynchronous=True))
+        for prompt, params in jobs:
+            handles.append(model.submit(prompt, params, loop=loop))
     except BaseException:
         for h in handles:
             h.cancel()
@@ -370,7 +539,7 @@ def submit_all(model: Model, jobs: list[tuple[str | list[int], GenerationConfig]
 
 
 async def merge_streams(
-    handles: list[RequestHandle],
+    handles: list[Handle],
 ) -> AsyncIterator[tuple[int, GenerationChunk | None, GenerationResult | None]]:
     """(index, chunk, None) as chunks arrive, then (index, None, result) as each ends.
 
@@ -380,15 +549,15 @@ async def merge_streams(
         h = handles[0]
         async for chunk in h:
             yield 0, chunk, None
-        yield 0, None, h.request.result
+        yield 0, None, h.result_now
         return
     q: asyncio.Queue[tuple[int, Any, Any]] = asyncio.Queue()
 
-    async def pump(i: int, h: RequestHandle) -> None:
+    async def pump(i: int, h: Handle) -> None:
         try:
             async for chunk in h:
                 q.put_nowait((i, chunk, None))
-            q.put_nowait((i, None, h.request.result))
+            q.put_nowait((i, None, h.result_now))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             q.put_nowait((i, e, None))
 
@@ -406,11 +575,11 @@ async def merge_streams(
         for t in tasks:
             t.cancel()
         for h in handles:
-            if h.request.result is None:
+            if h.result_now is None:
                 h.cancel()
 
 
-async def gather_results(handles: list[RequestHandle]) -> list[GenerationResult]:
+async def gather_results(handles: list[Handle]) -> list[GenerationResult]:
     tasks = [asyncio.ensure_future(h.aresult()) for h in handles]
     try:
         return list(await asyncio.gather(*tasks))
@@ -421,7 +590,7 @@ async def gather_results(handles: list[RequestHandle]) -> list[GenerationResult]
 
 async def until_disconnected(request: Request, coro: Awaitable[T]) -> T:
     """Await ``coro``; if the client goes away first, cancel it (its slot is freed)."""
-    work = asyncio.ensure_future(coro)
+    job = asyncio.ensure_future(coro)
 
     async def watch() -> None:
         while True:
@@ -431,14 +600,14 @@ async def until_disconnected(request: Request, coro: Awaitable[T]) -> T:
 
     watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not work.done():
-            work.cancel()
-    if not work.done() or work.cancelled():
+        if not job.done():
+            job.cancel()
+    if not job.done() or job.cancelled():
         raise Cancelled("the client disconnected")
-    return work.result()
+    return job.result()
 
 
 async def with_lease(pool: ModelPool, model: str | None, handler: Callable[[Lease], Awaitable[Any]],

@@ -4,13 +4,25 @@ Requests only: responses are built as plain JSON in the exact shapes the officia
 clients parse. Fields the APIs define but hearth does not use are accepted and ignored
 (``extra="ignore"``) so that ordinary clients work; fields that would change the
 answer and are not supported are refused with a 400 by the handlers.
+
+Each generation request builds its ``GenerationParams`` with ``to_params()``: only
+the fields the client set, so the model's and the front end's defaults fill the rest
+(``types.resolve_params``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Union
 
+import logging
+import math
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import BadRequest
+from ..types import GenerationParams
+
+log = logging.getLogger(__name__)
 
 # -- OpenAI ---------------------------------------------------------------------------
 
@@ -51,6 +63,34 @@ class ResponseFormat(_Request):
     json_schema: JsonSchemaFormat | None = None
 
 
+def _response_format(fmt: ResponseFormat | None) -> dict[str, Any]:
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise BadRequest("response_format json_schema needs json_schema.schema")
+    return {"json_schema": fmt.json_schema.schema_}
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for k, v in (raw or {}).items():
+        try:
+            tok = int(k)
+        except ValueError:
+            raise BadRequest(f"logit_bias keys must be token ids, got {k!r}") from None
+        if not -100.0 <= v <= 100.0:
+            raise BadRequest(f"logit_bias values must be in -100..100, got {v} for token {tok}")
+        out[tok] = v
+    return out
+
+
+# the OpenAI (and llama-server) fields that map one to one onto GenerationParams
+_OPENAI_SAME = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+                "frequency_penalty", "seed", "stop", "ignore_eos", "grammar", "json_schema")
+
+
 class _Sampling(_Request):
     """What /v1/completions and /v1/chat/completions share."""
 
@@ -71,7 +111,29 @@ class _Sampling(_Request):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(default=None, ge=0.0)
+    repeat_last_n: int | None = Field(default=None, ge=-1)
     ignore_eos: bool | None = None
+    n_predict: int | None = Field(default=None, ge=-1)  # llama-server's max_tokens; -1: no limit
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def to_params(self) -> GenerationParams:
+        kw: dict[str, Any] = {k: getattr(self, k) for k in _OPENAI_SAME if getattr(self, k) is not None}
+        if self.logit_bias:
+            kw["logit_bias"] = _logit_bias(self.logit_bias)
+        fmt = getattr(self, "response_format", None)
+        if fmt is not None:
+            kw.update(_response_format(fmt))
+        max_tokens = self._max_tokens()
+        if max_tokens is None and self.n_predict is not None:
+            max_tokens = None if self.n_predict < 0 else self.n_predict
+            kw["max_tokens"] = max_tokens
+        elif max_tokens is not None:
+            kw["max_tokens"] = max_tokens
+        return GenerationParams.from_kwargs(**kw)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -80,6 +142,9 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     tools: list[dict[str, Any]] | None = None
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class CompletionRequest(_Sampling):
@@ -107,12 +172,52 @@ class OllamaMessage(_Request):
     images: list[str] | None = None
 
 
+# Ollama option -> GenerationParams field
+_OLLAMA_OPTIONS = {
+    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+    "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+}
+# accepted and not (yet) applied: loading is planned per model, not per request
+_OLLAMA_IGNORED = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap",
+                   "use_mlock", "numa", "low_vram", "typical_p", "penalize_newline", "mirostat",
+                   "mirostat_tau", "mirostat_eta", "tfs_z", "vocab_only", "f16_kv", "logits_all"}
+
+
+def ollama_params(options: dict[str, Any] | None, fmt: Any = None) -> GenerationParams:
+    """Ollama's ``options`` and ``format`` -> GenerationParams (only what was given)."""
+    kw: dict[str, Any] = {}
+    for k, v in (options or {}).items():
+        if k == "num_predict":
+            if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+                v = int(v)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise BadRequest(f"options.num_predict must be an integer, got {v!r}")
+            kw["max_tokens"] = v if v >= 0 else None  # -1 forever, -2 fill the context
+        elif k in _OLLAMA_OPTIONS:
+            if v is not None:
+                kw[_OLLAMA_OPTIONS[k]] = v
+        elif k not in _OLLAMA_IGNORED:
+            log.debug("ignoring unknown option %s", k)
+    if fmt == "json":
+        kw["json_schema"] = {"type": "object"}
+    elif isinstance(fmt, dict):
+        kw["json_schema"] = fmt
+    try:
+        return GenerationParams.from_kwargs(**kw)
+    except BadRequest as e:
+        raise BadRequest(f"options: {e}") from None
+
+
 class _OllamaRequest(_Request):
-    model: str = Field(min_length=1)
+    model: str = ""  # empty: the server's default model
     stream: bool = True
     format: Union[Literal["", "json"], dict[str, Any], None] = None
     options: dict[str, Any] | None = None
     keep_alive: Union[str, int, float, None] = None  # "5m", seconds; 0 unload after, <0 forever
+
+    def to_params(self) -> GenerationParams:
+        return ollama_params(self.options, self.format)
 
 
 class OllamaGenerateRequest(_OllamaRequest):
@@ -134,7 +239,7 @@ class OllamaShowRequest(_Request):
 
 
 class OllamaEmbedRequest(_Request):
-    model: str = Field(min_length=1)
+    model: str = ""
     input: Union[str, list[str]]
     truncate: bool = True  # Ollama's default: cut inputs to the context
     options: dict[str, Any] | None = None
@@ -145,7 +250,7 @@ class OllamaEmbedRequest(_Request):
 class OllamaEmbeddingsRequest(_Request):
     """The older single-prompt endpoint, /api/embeddings."""
 
-    model: str = Field(min_length=1)
+    model: str = ""
     prompt: str = ""
     options: dict[str, Any] | None = None
     keep_alive: Union[str, int, float, None] = None

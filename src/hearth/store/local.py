@@ -159,7 +159,7 @@ def canonical_name(ref: str) -> str | None:
 
 def catalog_ref(model: Any, quant: str) -> str:
     """A catalog model's stored name; never one an embedded model answers to."""
-    from .registry import KNOWN_MODELS
+    from .embedded import KNOWN_MODELS
 
     name = model.ref(quant)
     return f"{model.name}-{quant.lower()}" if name in KNOWN_MODELS else name

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from filelock import FileLock
+
 from ..errors import ChecksumMismatch, DiskFull, DownloadError, InvalidModel, ModelNotFound
 from .catalog import is_quant_tag
 
@@ -376,8 +378,7 @@ def pull_file(
 ) -> Pulled:
     """Bring one repo file into the cache (or find it there); verified, resumable."""
     from huggingface_hub import hf_hub_download, hf_hub_url
-    from huggingface_hub.file_download import get_hf_file_metadata, http_get
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub.file_download import get_hf_file_metadata
 
     what = f"hf.co/{repo}/{file.name}"
     cache = hub_cache_dir()
@@ -405,60 +406,75 @@ def pull_file(
         return Pulled(file.name, pointer, pointer.stat().st_size, want, False)
 
     downloaded = False
-    if not blob.exists():
-        partial = blob.with_name(etag + ".incomplete")
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        have = partial.stat().st_size if partial.exists() else 0
-        if size is not None and have > size:
-            partial.unlink()
-            have = 0
-        if size is not None:
-            need = size - have + DISK_MARGIN
-            free = _free_bytes(blob.parent)
-            if free < need:
-                raise DiskFull(
-                    f"{what}: needs {(size - have) / 1e9:.2f} GB more disk in {cache} "
-                    f"but only {free / 1e9:.2f} GB is free"
-                )
-        if have:
-            log.info("resuming %s at %d of %s bytes", file.name, have, size)
-        headers = build_hf_headers()
-        headers["Accept-Encoding"] = "identity"
-        target = meta.location or url
-        if not _same_host(url, target):
-            headers.pop("authorization", None)
-        tqdm_class = _progress_class(progress, file.name) if progress else None
-        try:
-            # the bytes kept from an earlier run are hashed once, the rest as they arrive
-            h = _hash_file(partial) if have else hashlib.sha256()
-            with open(partial, "ab") as f:
-                out = _HashingWriter(f, h)
-                http_get(target, out, resume_size=have, headers=headers, expected_size=size,
-                         displayed_filename=Path(file.name).name, tqdm_class=tqdm_class)
-        except OSError as e:
-            import errno
-
-            if e.errno == errno.ENOSPC:
-                raise DiskFull(f"{what}: the disk filled up during the transfer; free space and pull again to resume") from None
-            got = partial.stat().st_size if partial.exists() else 0
-            raise DownloadError(
-                f"{what}: the transfer stopped at {got} of {size} bytes ({_short(e)}); "
-                "pull again to resume"
-            ) from None
-        except Exception as e:  # noqa: BLE001
-            got = partial.stat().st_size if partial.exists() else 0
-            err = _hub_error(e, what)
-            raise type(err)(f"{err}; {got} of {size} bytes kept, pull again to resume") from None
-        _verify(partial, want, what, out.hexdigest())
-        _check_gguf_header(partial, what)
-        os.replace(partial, blob)
-        downloaded = True
+    # one writer per blob, across threads and processes: a second pull of the same file
+    # waits here, then finds the verified blob in place (the partial file is never shared)
+    lock_path = cache / ".locks" / folder.name / f"{etag}.hearth-pull.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock_path):
+        if not blob.exists():
+            downloaded = _download_blob(what, url, meta, file, blob, etag, size, want, cache, progress)
     # let huggingface_hub make the snapshot link and the ref, as it does for its own downloads
     try:
         path = Path(hf_hub_download(repo, file.name, revision=revision, cache_dir=cache, endpoint=endpoint))
     except Exception as e:  # noqa: BLE001
         raise _hub_error(e, what) from None
     return Pulled(file.name, path, path.stat().st_size, want, downloaded)
+
+
+def _download_blob(what: str, url: str, meta: Any, file: HubFile, blob: Path, etag: str,
+                   size: int | None, want: str | None, cache: Path, progress: Progress | None) -> bool:
+    """Transfer one blob into ``blobs/<etag>`` (resuming ``<etag>.incomplete``), verified
+    before it is moved into place. The caller holds the blob's lock."""
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    partial = blob.with_name(etag + ".incomplete")
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    have = partial.stat().st_size if partial.exists() else 0
+    if size is not None and have > size:
+        partial.unlink()
+        have = 0
+    if size is not None:
+        need = size - have + DISK_MARGIN
+        free = _free_bytes(blob.parent)
+        if free < need:
+            raise DiskFull(
+                f"{what}: needs {(size - have) / 1e9:.2f} GB more disk in {cache} "
+                f"but only {free / 1e9:.2f} GB is free"
+            )
+    if have:
+        log.info("resuming %s at %d of %s bytes", file.name, have, size)
+    headers = build_hf_headers()
+    headers["Accept-Encoding"] = "identity"
+    target = meta.location or url
+    if not _same_host(url, target):
+        headers.pop("authorization", None)
+    tqdm_class = _progress_class(progress, file.name) if progress else None
+    try:
+        # the bytes kept from an earlier run are hashed once, the rest as they arrive
+        h = _hash_file(partial) if have else hashlib.sha256()
+        with open(partial, "ab") as f:
+            out = _HashingWriter(f, h)
+            http_get(target, out, resume_size=have, headers=headers, expected_size=size,
+                     displayed_filename=Path(file.name).name, tqdm_class=tqdm_class)
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.ENOSPC:
+            raise DiskFull(f"{what}: the disk filled up during the transfer; free space and pull again to resume") from None
+        got = partial.stat().st_size if partial.exists() else 0
+        raise DownloadError(
+            f"{what}: the transfer stopped at {got} of {size} bytes ({_short(e)}); "
+            "pull again to resume"
+        ) from None
+    except Exception as e:  # noqa: BLE001
+        got = partial.stat().st_size if partial.exists() else 0
+        err = _hub_error(e, what)
+        raise type(err)(f"{err}; {got} of {size} bytes kept, pull again to resume") from None
+    _verify(partial, want, what, out.hexdigest())
+    _check_gguf_header(partial, what)
+    os.replace(partial, blob)
+    return True
 
 
 def _short(e: BaseException) -> str:

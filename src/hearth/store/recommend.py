@@ -68,6 +68,7 @@ from ..planner import (
     VRAM_HEADROOM,
     LoadOptions,
     estimate_memory,
+    memory_budget,
     offloadable_layers,
     plan_load,
 )
@@ -470,10 +471,6 @@ def synthetic_info(model: CatalogModel, q: CatalogQuant) -> ModelInfo:
 # --------------------------------------------------------------------------- judging
 
 
-def _budget(total: int, free: int, headroom: tuple[int, float]) -> int:
-    # the planner's rule: free memory less the larger of a fixed and a relative headroom
-    return max(0, free - max(headroom[0], int(total * headroom[1])))
-
 
 def fmt_bytes(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
@@ -654,8 +651,8 @@ def _machine(hw: Hardware, bandwidth: float | None) -> _Machine:
     cpu_bw, src = _cpu_bandwidth(bandwidth)
     return _Machine(
         hw=hw,
-        ram_budget=_budget(hw.total_ram, hw.available_ram, RAM_HEADROOM),
-        vram_budgets=[_budget(g.total_memory, g.free_memory, VRAM_HEADROOM) for g in hw.gpus],
+        ram_budget=memory_budget(hw.total_ram, hw.available_ram, RAM_HEADROOM),
+        vram_budgets=[memory_budget(g.total_memory, g.free_memory, VRAM_HEADROOM) for g in hw.gpus],
         gpu_bw=[gpu_bandwidth(g) for g in hw.gpus],
         cpu_bw=cpu_bw,
         cpu_bw_source=src,

