@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +209,25 @@ def test_queue_bound_comes_from_the_environment(smollm2_path, monkeypatch):
         with pytest.raises(Busy, match="0 queued"):
             m.engine.submit("b", cfg)
         running.cancel()
+
+
+def test_cancelling_a_long_prefill_stops_it_within_a_ubatch(smollm2_path: Path):
+    """A client that leaves during a long prompt frees the engine within one ubatch of
+    prefill, not after the whole prompt (each step decodes at most n_ubatch of it)."""
+    m = hearth.load_model(smollm2_path, n_ctx=4096, parallel=1, n_batch=2048, n_ubatch=128)
+    try:
+        sched = m.engine.scheduler
+        prompt = list(range(100, 100 + 3000))  # 3,000 tokens: 24 ubatches
+        handle = m.submit(prompt, max_tokens=4, temperature=0)
+        slot = sched.slots[0]
+        deadline = time.monotonic() + 120
+        while slot.n_past == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        handle.cancel()
+        with pytest.raises(hearth.Cancelled):
+            handle.result()
+        # what the slot keeps is what was decoded before the cancel took effect
+        assert 0 < len(slot.cache_tokens) <= 3 * 128, len(slot.cache_tokens)
+        assert m.generate_text("Hello", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        m.close()

@@ -326,3 +326,32 @@ def test_import_hearth_is_light_and_exports_still_work() -> None:
             "assert callable(load_model) and 'load_model' in dir(hearth)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
+
+
+def test_run_does_not_hang_on_a_stopped_daemon(make_sandbox: Callable[[], Sandbox]) -> None:
+    s = make_sandbox()
+    assert s.cli("daemon", "start", "--model", "smollm2").returncode == 0
+    pid = s.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = s.cli("run", "-p", "hi", "--max-tokens", "2", "--temperature", "0")
+        assert r.returncode == 0, r.stderr
+        assert "does not answer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert time.monotonic() - t0 < 60  # the probe gave up after seconds, then ran in process
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_runtime_dir_of_another_user_is_one_line(make_sandbox: Callable[[], Sandbox]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory owned by another user")
+    s = make_sandbox()
+    s.rt.mkdir(mode=0o700)
+    os.chown(s.rt, 65534, 65534)
+    for args in (("daemon", "status"), ("daemon", "start"), ("daemon", "stop")):
+        r = s.cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert "belongs to another user" in r.stderr and "HEARTH_RUNTIME_DIR" in r.stderr

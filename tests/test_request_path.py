@@ -61,8 +61,9 @@ def model_copy(isolated_env: Path, smollm2_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def by_path(model_copy: Path) -> Iterator[_Server]:
-    """``hearth serve --model /path/to/file.gguf``, no alias."""
-    app = create_app([str(model_copy)], load_options={"n_ctx": 512, "parallel": 2})
+    """``hearth serve --model /path/to/file.gguf --models-dir <its dir>``, no alias."""
+    app = create_app([str(model_copy)], load_options={"n_ctx": 512, "parallel": 2},
+                     models_dirs=[str(model_copy.parent)])
     with _Server(app) as s:
         yield s
 
@@ -266,10 +267,18 @@ def test_temperature_zero_chat_equals_llama_server(smollm2_path: Path, by_path: 
 
     body = {"messages": [{"role": "user", "content": "Why is the sky blue? Answer in two sentences."}],
             "temperature": 0, "max_tokens": 64}
+    # a repeat penalty at temperature 0: the same text only if the penalty sees the same
+    # tokens (the prompt's too) and is applied the same way
+    penalized = {**body, "repeat_penalty": 1.5, "repeat_last_n": 64, "max_tokens": 48}
     with llama_server(model_copy, n_ctx=512) as ref_url:
         ref = httpx.post(f"{ref_url}/v1/chat/completions", json=body, timeout=300).json()
         ref_c = httpx.post(f"{ref_url}/v1/completions", json={"prompt": "The capital of France is",
                                                                 "temperature": 0, "max_tokens": 32}, timeout=300).json()
+        ref_p = httpx.post(f"{ref_url}/v1/chat/completions", json=penalized, timeout=300).json()
+    ours_p = httpx.post(f"{by_path.url}/v1/chat/completions", json={**penalized, "model": model_copy.name},
+                        timeout=300).json()
+    assert ours_p["choices"][0]["message"]["content"] == ref_p["choices"][0]["message"]["content"]
+    assert ours_p["choices"][0]["message"]["content"] != ref["choices"][0]["message"]["content"]
     ours = httpx.post(f"{by_path.url}/v1/chat/completions", json={**body, "model": model_copy.name}, timeout=300).json()
     ours_c = httpx.post(f"{by_path.url}/v1/completions", json={"prompt": "The capital of France is", "temperature": 0,
                                                                "max_tokens": 32, "model": model_copy.name},
@@ -304,7 +313,8 @@ def test_concurrent_first_requests_for_two_models_load_one_at_a_time(smollm2_pat
     monkeypatch.setattr(pool_module, "load_model", counting_load)
 
     async def main() -> None:
-        pool = ModelPool({"n_ctx": 256, "parallel": 1}, keep_alive="5m")
+        pool = ModelPool({"n_ctx": 256, "parallel": 1}, keep_alive="5m",
+                         models_dirs=[smollm2_path.parent, tmp_path])
         try:
             a, b = await asyncio.gather(pool.acquire(str(smollm2_path)), pool.acquire(str(other)))
             assert a.entry is not b.entry and len(pool.loaded()) == 2
@@ -335,6 +345,7 @@ def test_free_vram_counts_when_making_room(smollm2_path: Path, tmp_path: Path, m
 
     async def main() -> None:
         pool = ModelPool({"n_ctx": 256, "parallel": 1}, keep_alive="5m", available_ram=lambda: 1 << 50,
+                         models_dirs=[smollm2_path.parent, tmp_path],
                          free_vram=lambda: 0)
         try:
             (await pool.acquire(str(smollm2_path))).release()
@@ -361,9 +372,10 @@ def test_shutdown_closes_a_model_that_was_still_loading(smollm2_path: Path, monk
     monkeypatch.setattr(pool_module, "load_model", slow_load)
 
     async def main() -> None:
-        pool = ModelPool({"n_ctx": 256, "parallel": 1})
+        pool = ModelPool({"n_ctx": 256, "parallel": 1}, models_dirs=[smollm2_path.parent])
         task = asyncio.ensure_future(pool.acquire(str(smollm2_path)))
         while not started.is_set():
+            assert not task.done(), task.exception()
             await asyncio.sleep(0.01)
         await pool.aclose()  # on the loop, while the load runs in its thread
         with pytest.raises(EngineError, match="shutting down"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -113,10 +114,14 @@ def test_unreadable_path_is_a_hearth_error_not_an_oserror(tmp_path: Path) -> Non
     s = socket.socket(socket.AF_UNIX)
     try:
         s.bind(str(sock_path))
-        with pytest.raises(InvalidModel, match="cannot read"):
+        with pytest.raises(UnsupportedFormat, match="not a regular file"):
             select_engine(sock_path)
     finally:
         s.close()
+    fifo = tmp_path / "f.gguf"
+    os.mkfifo(fifo)  # opening it would block forever: refused without opening
+    with pytest.raises(UnsupportedFormat, match="not a regular file"):
+        select_engine(fifo)
 
 
 def test_errors_are_one_line_hearth_errors(hf_folder: Path) -> None:

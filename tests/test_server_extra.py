@@ -239,7 +239,8 @@ def test_concurrent_first_requests_load_once_and_memory_evicts_the_idle_lru(smol
     room = {"bytes": 1 << 50}
 
     async def main() -> None:
-        pool = ModelPool({"n_ctx": 256}, keep_alive="5m", available_ram=lambda: room["bytes"])
+        pool = ModelPool({"n_ctx": 256}, keep_alive="5m", available_ram=lambda: room["bytes"],
+                         models_dirs=[smollm2_path.parent, tmp_path])
         try:
             leases = await asyncio.gather(*(pool.acquire(str(smollm2_path)) for _ in range(3)))
             assert len({id(x.entry) for x in leases}) == 1 and len(pool.loaded()) == 1

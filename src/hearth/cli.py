@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 from .errors import HearthError
 
 PROG = "hearth"
+DAEMON_PROBE_SECONDS = 3.0  # a daemon's /health must answer within this, or run/chat go in process
+DAEMON_READ_SECONDS = 600.0  # the longest silence within a reply before giving up on the daemon
 SERVE_FOREGROUND = "serve-foreground"  # the daemon's own process (hearth.daemon.SERVE_COMMAND)
 
 
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the name clients use for the --model in the same position (default: its name, "
                     "or the file name for a path)")
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: HEARTH_API_KEY)")
+    sv.add_argument("--models-dir", dest="models_dirs", action="append", default=None,
+                    help="a directory whose .gguf files clients may use by file name or path (repeatable; "
+                    "default: HEARTH_MODELS_DIR; otherwise clients name only models the store knows)")
     _load_flags(sv)
 
     d = sub.add_parser("daemon", help="keep models loaded in a background server, so run/chat start at once")
@@ -307,11 +312,22 @@ def _daemon_client(args: argparse.Namespace):
 
     Loading flags (--n-ctx, --gpu-layers, ...) run in-process: the daemon's models are
     already planned and loaded with its own settings."""
-    from .client import DaemonClient, daemon_disabled
+    from .client import DaemonClient, DaemonError, daemon_disabled
 
     if getattr(args, "no_daemon", False) or daemon_disabled() or _load_wishes(args):
         return None
-    return DaemonClient.connect()
+    client = DaemonClient.connect(timeout=DAEMON_PROBE_SECONDS)
+    if client is None:
+        return None
+    try:  # a daemon that is stopped (SIGSTOP) or wedged accepts the connection and says nothing
+        client.health()
+    except (OSError, ValueError, DaemonError):
+        client.close()
+        _say(f"the daemon does not answer within {DAEMON_PROBE_SECONDS:.0f} s; running without it "
+             "(`hearth daemon stop` or `hearth daemon status` to look)")
+        return None
+    client.sock.settimeout(DAEMON_READ_SECONDS)  # a reply may be slow to start (a model loading), not silent
+    return client
 
 
 def _model_spec(model: str | None) -> str | None:
@@ -589,10 +605,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server import create_app
 
-    app = create_app(args.models, api_key=cfg.api_key, load_options=_load_wishes(args), aliases=args.aliases)
+    dirs = args.models_dirs
+    for d in dirs or []:
+        if not os.path.isdir(d):
+            raise BadRequest(f"--models-dir {d}: not a directory")
+    app = create_app(args.models, api_key=cfg.api_key, load_options=_load_wishes(args), aliases=args.aliases,
+                     host=cfg.host, models_dirs=dirs)
     print(f"hearth: serving on http://{cfg.host}:{cfg.port} (OpenAI API at /v1, Ollama API at /api)", file=sys.stderr)
+    from .server.http import config as server_config
+
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info" if args.verbose else "warning")
+        uvicorn.Server(server_config(app, host=cfg.host, port=cfg.port,
+                                     log_level="info" if args.verbose else "warning")).run()
     except OSError as e:
         raise BadRequest(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     return 0

@@ -66,6 +66,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", _str, "127.0.0.1", "HEARTH_HOST", "address the server listens on"),
     Setting("port", _int, 11435, "HEARTH_PORT", "port the server listens on"),
     Setting("api_key", _str, None, "HEARTH_API_KEY", "require this bearer token on the HTTP API"),
+    Setting("origins", _str, None, "HEARTH_ORIGINS", "web origins allowed besides localhost's, comma-separated, * wildcards (as OLLAMA_ORIGINS)"),
+    Setting("allowed_hosts", _str, None, "HEARTH_ALLOWED_HOSTS", "Host names a loopback server answers besides localhost and loopback addresses, comma-separated"),
+    Setting("models_dir", _str, None, "HEARTH_MODELS_DIR", "directories whose .gguf files HTTP clients may use by name or path (os.pathsep-separated)"),
     Setting("keep_alive", _str, "5m", "HEARTH_KEEP_ALIVE", "how long an idle model stays loaded in the server: seconds or 30s/5m/1h; 0 = unload at once, negative = forever"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}

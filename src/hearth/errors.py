@@ -117,3 +117,11 @@ class NotOwned(HearthError):
 
     http_status = 403
     code = "not_owned"
+
+
+class ModelChanged(HearthError):
+    """A loaded model's file was changed in place; new requests may not use the stale mapping."""
+
+    http_status = 409
+    exit_code = 1
+    code = "model_changed"

@@ -12,6 +12,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -365,7 +366,10 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     if p.is_dir():
         raise UnsupportedFormat(f"{p} is a directory, not a GGUF file")
     try:
-        size = p.stat().st_size
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader forever
+            raise UnsupportedFormat(f"{p} is not a regular file")
+        size = st.st_size
         with open(p, "rb") as f:
             if size == 0:
                 raise InvalidModel(f"{p}: not a valid GGUF file: the file is empty")
@@ -808,6 +812,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             )
         raise UnsupportedFormat(f"{p} is a directory, not a model file")
     try:
+        if not stat.S_ISREG(p.stat().st_mode):  # a FIFO or a device would block or never end
+            raise UnsupportedFormat(f"{p} is not a regular file")
         with open(p, "rb") as f:
             magic = f.read(4)
     except PermissionError:

@@ -48,11 +48,13 @@ class DaemonFailed(HearthError):
 def ensure_runtime_dir() -> Path:
     """The runtime dir, created 0700; refused when someone else owns it or may enter it."""
     d = runtime_dir()
+    _check_owner(d)
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = d.stat()
         if st.st_uid != os.getuid():
-            raise DaemonFailed(f"{d} belongs to another user; set HEARTH_RUNTIME_DIR")
+            raise DaemonFailed(f"the runtime dir {d} belongs to another user (uid {st.st_uid}); "
+                               "set HEARTH_RUNTIME_DIR to a directory of your own")
         if st.st_mode & 0o077:
             os.chmod(d, 0o700)
     except OSError as e:
@@ -104,8 +106,22 @@ class State:
         return self.alive and self.answers
 
 
+def _check_owner(d: Path) -> None:
+    """One line, not a PermissionError traceback, when the runtime dir is someone else's."""
+    try:
+        st = d.stat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise DaemonFailed(f"cannot use runtime dir {d}: {e.strerror or e}; set HEARTH_RUNTIME_DIR") from None
+    if st.st_uid != os.getuid():
+        raise DaemonFailed(f"the runtime dir {d} belongs to another user (uid {st.st_uid}); "
+                           "set HEARTH_RUNTIME_DIR to a directory of your own")
+
+
 def inspect_state() -> State:
     d = runtime_dir()
+    _check_owner(d)
     sock, pid_file = d / SOCKET_NAME, d / PID_NAME
     pid = _read_pid(pid_file)
     alive = pid is not None and _is_daemon(pid)

@@ -45,7 +45,8 @@ class DaemonServer:
         self.dir = ensure_runtime_dir()
         self.socket_path = self.dir / SOCKET_NAME
         self.pid_file = self.dir / PID_NAME
-        self.app = create_app(self.models, load_options=self.load_options, aliases=self.aliases)
+        # a Unix socket: no Host to check, and no browser can reach it
+        self.app = create_app(self.models, load_options=self.load_options, aliases=self.aliases, host=None)
         self.pool = self.app.state.pool
         self._reload_lock = asyncio.Lock()
         self._install_routes()
@@ -183,8 +184,10 @@ class DaemonServer:
                 loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(daemon.reload(quiet=True)))
             await app(scope, receive, send)
 
-        config = uvicorn.Config(with_sighup, log_level="info" if self.verbose else "warning", lifespan="on",
-                                timeout_graceful_shutdown=GRACE_SECONDS, access_log=bool(self.verbose))
+        from ..server.http import config as server_config
+
+        config = server_config(with_sighup, log_level="info" if self.verbose else "warning", lifespan="on",
+                               timeout_graceful_shutdown=GRACE_SECONDS, access_log=bool(self.verbose))
         server = uvicorn.Server(config)
         print(f"hearth: daemon pid {os.getpid()} on {self.socket_path}", file=sys.stderr, flush=True)
         try:

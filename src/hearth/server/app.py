@@ -7,20 +7,23 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 from typing import Any, AsyncIterator, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BadRequest, Busy, HearthError
 from .pool import ModelPool
+from .web import CORS_MAX_AGE, CORS_METHODS, WebPolicy, split_list
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+BODY_TIMEOUT_SECONDS = 30.0  # a body that trickles in slower than this is refused (slowloris)
 OPEN_PATHS = ("/health",)  # reachable without the API key
 
 
@@ -84,6 +87,12 @@ def _install_error_handlers(app: FastAPI) -> None:
             msg = f"no route {request.method} {request.url.path}"
         return error_response(request.url.path, e.status_code, msg, None)
 
+    @app.exception_handler(UnicodeError)
+    async def _unicode(request: Request, e: UnicodeError) -> JSONResponse:
+        # JSON may carry lone surrogates ("\ud800"): no UTF-8 text holds them
+        return error_response(request.url.path, 400, "the request holds text that is not valid Unicode "
+                              "(a lone surrogate such as \\ud800)", "invalid_request")
+
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
         # the details go to the log, never to the client (paths, file contents, internals)
@@ -95,49 +104,103 @@ def _install_error_handlers(app: FastAPI) -> None:
 # -- middleware (plain ASGI, so streaming responses and disconnects pass untouched) -----
 
 
-class GuardMiddleware:
-    """Bearer-token check and a bound on the request body, before any handler runs."""
+_JSON_OK = ("application/json",)
+_CURL_TYPES = ("", "application/x-www-form-urlencoded")  # curl -d, and clients that send none
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int = MAX_BODY_BYTES) -> None:
+
+def _is_json(ctype: str) -> bool:
+    main = ctype.split(";", 1)[0].strip().lower()
+    return main in _JSON_OK or main.endswith("+json")
+
+
+class GuardMiddleware:
+    """Before any handler runs: the Host and Origin rules (``web.WebPolicy``), CORS
+    preflights, the bearer token, a JSON body type, and a bound on the body's size and
+    on how long it may take to arrive."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, policy: WebPolicy,
+                 max_body: int = MAX_BODY_BYTES, body_timeout: float | None = None) -> None:
         self.app = app
         self.api_key = api_key
+        self.policy = policy
         self.max_body = max_body
+        self.body_timeout = BODY_TIMEOUT_SECONDS if body_timeout is None else body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        method = scope["method"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+        async def refuse(status: int, message: str, code: str, extra: dict[str, str] | None = None) -> None:
+            await JSONResponse(error_body(path, status, message, code), status_code=status,
+                               headers=extra)(scope, receive, send)
+
+        host = headers.get("host")
+        if not self.policy.host_allowed(host):
+            await refuse(403, f"Host {host!r} is not allowed: this server answers loopback names only "
+                         "(HEARTH_ALLOWED_HOSTS adds names)", "host_not_allowed")
+            return
+        origin = headers.get("origin")
+        if origin is not None and not self.policy.origin_allowed(origin, host):
+            await refuse(403, f"origin {origin!r} is not allowed (HEARTH_ORIGINS adds origins)", "origin_not_allowed")
+            return
+        if method == "OPTIONS" and origin is not None and "access-control-request-method" in headers:
+            await Response(status_code=204, headers={
+                "Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                "Access-Control-Allow-Methods": CORS_METHODS,
+                "Access-Control-Allow-Headers": headers.get("access-control-request-headers", "*"),
+                "Access-Control-Max-Age": CORS_MAX_AGE,
+            })(scope, receive, send)
+            return
+        if origin is not None:
+            send = _with_cors(send, origin)
         if self.api_key and path not in OPEN_PATHS:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-                body = error_body(path, 401, "missing or wrong API key (send Authorization: Bearer KEY)", "invalid_api_key")
-                await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                await refuse(401, "missing or wrong API key (send Authorization: Bearer KEY)", "invalid_api_key",
+                             {"WWW-Authenticate": "Bearer"})
                 return
-        too_big = error_body(path, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
+        has_body = method not in ("GET", "HEAD", "OPTIONS")
+        ctype = headers.get("content-type", "")
+        from_browser = origin is not None or headers.get("sec-fetch-site", "none") not in ("none", "same-origin")
+        if has_body and not _is_json(ctype):
+            main = ctype.split(";", 1)[0].strip().lower()
+            if from_browser or main not in _CURL_TYPES:
+                await refuse(415, f"the request body must be application/json, not {main or 'untyped'}",
+                             "unsupported_media_type")
+                return
+        too_big = f"request body larger than {self.max_body} bytes"
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await JSONResponse(too_big, status_code=413)(scope, receive, send)
+            await refuse(413, too_big, "request_too_large")
             return
         # read the (bounded) body here and replay it; then pass receive on for disconnects
         chunks: list[bytes] = []
         size = 0
-        more = scope["method"] not in ("GET", "HEAD")
+        more = has_body
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while more:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                await refuse(408, f"the request body did not arrive within {self.body_timeout:.0f} s",
+                             "request_timeout", {"Connection": "close"})
+                return
             if msg["type"] == "http.disconnect":
                 return
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                await JSONResponse(too_big, status_code=413)(scope, receive, send)
+                await refuse(413, too_big, "request_too_large")
                 return
             chunks.append(chunk)
             more = msg.get("more_body", False)
-        if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
-            # Ollama and llama.cpp read the body as JSON whatever its declared type (curl -d)
+        if has_body and not _is_json(ctype):
+            # Ollama and llama.cpp read curl -d bodies as JSON whatever their declared type
             scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
                      + [(b"content-type", b"application/json")]}
         replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
@@ -148,6 +211,19 @@ class GuardMiddleware:
         await self.app(scope, replayed, send)
 
 
+def _with_cors(send: Send, origin: str) -> Send:
+    """Add the CORS headers for an allowed origin to the response."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []),
+                                              (b"access-control-allow-origin", origin.encode("latin-1")),
+                                              (b"vary", b"Origin")]}
+        await send(message)
+
+    return wrapped
+
+
 # -- the app ---------------------------------------------------------------------------
 
 
@@ -156,12 +232,20 @@ def create_app(
     api_key: str | None = None,
     load_options: Mapping[str, Any] | None = None,
     aliases: list[str | None] | None = None,
+    *,
+    host: str | None = "127.0.0.1",
+    origins: list[str] | None = None,
+    allowed_hosts: list[str] | None = None,
+    models_dirs: list[str] | None = None,
 ) -> FastAPI:
     """The server. ``models`` load at startup (``/health`` says 503 until they have);
     the first is what a request that names no model gets, and ``aliases`` (by
     position) are the names they are listed by. Any other model a request names loads
     on first use. ``load_options`` are the planner wishes (n_ctx, parallel, ...) every
-    model is loaded with."""
+    model is loaded with. ``host`` is the address it listens on (None: a Unix socket),
+    for the Host check; ``origins``, ``allowed_hosts`` and ``models_dirs`` default to
+    the settings (HEARTH_ORIGINS, HEARTH_ALLOWED_HOSTS, HEARTH_MODELS_DIR)."""
+    from ..config import load_config
     from .. import __version__
     from . import metrics, ollama, openai
 
@@ -169,7 +253,14 @@ def create_app(
     names = list(aliases or [])
     if len(names) > len(startup):
         raise BadRequest(f"{len(names)} aliases for {len(startup)} models: give one --alias per --model")
-    pool = ModelPool(load_options)
+    cfg = load_config()
+    if origins is None:
+        origins = split_list(cfg.origins)
+    if allowed_hosts is None:
+        allowed_hosts = split_list(cfg.allowed_hosts)
+    if models_dirs is None:
+        models_dirs = [d for d in (cfg.models_dir or "").split(os.pathsep) if d]
+    pool = ModelPool(load_options, models_dirs=models_dirs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -195,7 +286,8 @@ def create_app(
     app.state.ready = not startup
     app.state.startup_error = None
     _install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=api_key or None)
+    app.add_middleware(GuardMiddleware, api_key=api_key or None,
+                       policy=WebPolicy(host, origins=origins, hosts=allowed_hosts))
     metrics.install(app, pool)  # /metrics, and counts every response (outside the guard)
 
     @app.get("/health")

@@ -189,6 +189,8 @@ async def embed(req: OllamaEmbedRequest, request: Request) -> Any:
     inputs = [req.input] if isinstance(req.input, str) else list(req.input)
     if not inputs:
         raise BadRequest("input must not be empty")
+    if len(inputs) > 2048:
+        raise BadRequest(f"input has {len(inputs)} items; at most 2048")
 
     async def handler(lease: Lease) -> Any:
         t0 = time.perf_counter()
@@ -403,6 +405,7 @@ async def delete(request: Request, req: OllamaDeleteRequest) -> JSONResponse:
 
 @router.get("/ps")
 async def ps(request: Request) -> JSONResponse:
+    await _pool(request).check_files()  # a file changed in place is dropped, not shown as usable
     out = []
     for e in sorted(_pool(request).loaded(), key=lambda e: -e.last_used):
         info, plan = e.model.info, e.model.plan

@@ -21,6 +21,9 @@ from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, Emb
 
 router = APIRouter(prefix="/v1")
 
+MAX_GENERATIONS = 32  # prompts x n in one request: more is a 400, not a queue full of one client
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit
+
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
 
@@ -52,7 +55,10 @@ def _message_text(m: ChatMessage) -> str:
     for p in m.content:
         if p.type != "text":
             raise BadRequest(f"message content of type {p.type!r} is not supported (text only)")
-        parts.append(p.text)  # type: ignore[union-attr]
+        text = getattr(p, "text", None)
+        if not isinstance(text, str):  # {"type": "text"} with no text, or a number
+            raise BadRequest("a message content part of type \"text\" needs a string \"text\"")
+        parts.append(text)
     return "".join(parts)
 
 
@@ -183,6 +189,9 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     if req.suffix:
         raise BadRequest("suffix (fill-in-the-middle) is not supported yet")
     prompts = _prompts(req.prompt)
+    if len(prompts) * req.n > MAX_GENERATIONS:
+        raise BadRequest(f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} generations; "
+                         f"one request may ask for at most {MAX_GENERATIONS}")
     params = req.to_params()
     return await with_lease(_pool(request), req.model, lambda lease: _complete(req, request, lease, prompts, params))
 
@@ -260,6 +269,8 @@ def _b64(vector: list[float]) -> str:
 @router.post("/embeddings")
 async def embeddings(req: EmbeddingRequest, request: Request) -> JSONResponse:
     inputs = _embedding_inputs(req.input)
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise BadRequest(f"input has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS}")
     lease = await _pool(request).acquire(req.model)
     try:
         model = lease.model

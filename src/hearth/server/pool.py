@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..api import Model, ModelDefaults, load_model, plan_model
 from ..engines.base import Handle
-from ..errors import BadRequest, Cancelled, DoesNotFit, EngineError, HearthError, ModelNotFound
+from ..errors import BadRequest, Cancelled, DoesNotFit, EngineError, HearthError, ModelChanged, ModelNotFound
 from ..store import ResolvedModel, resolve_model
 from ..types import GenerationChunk, GenerationParams, GenerationResult
 from . import work
@@ -94,6 +95,17 @@ def _free_vram() -> int:
 FileKey = tuple[int, int]  # (st_dev, st_ino) of the real file
 
 
+def _looks_like_path(name: str) -> bool:
+    """Absolute, relative (./ ../ ~) or a .gguf file name; Ollama and hf.co names are not."""
+    n = name.strip()
+    return n.startswith(("/", ".", "~", "\\")) or n.lower().endswith(".gguf") or "\x00" in n
+
+
+def _later_split_part(name: str) -> bool:
+    m = re.search(r"-(\d{5})-of-\d{5}\.gguf$", name, re.I)
+    return bool(m) and int(m.group(1)) > 1
+
+
 def file_key(path: Path) -> FileKey:
     st = os.stat(path)  # follows symlinks: the file itself
     return (st.st_dev, st.st_ino)
@@ -125,6 +137,22 @@ class Loaded:
     keep_alive: float | None = DEFAULT_KEEP_ALIVE  # seconds idle before unloading; None: never
     expires_at: float | None = None  # time.time() after which an idle model is unloaded
     leases: int = 0  # requests using it now
+    stamp: tuple[int, int] | None = None  # (size, mtime_ns) of the file when it was loaded
+    changed: str | None = None  # why the file no longer matches what was loaded
+
+    def check_file(self) -> str | None:
+        """Has the loaded file been changed in place (truncated, rewritten)? Its pages are
+        mapped: reading a truncated part kills the process with SIGBUS. A file deleted
+        or replaced by a new one is harmless to the mapping and not reported."""
+        if self.changed is None and self.stamp is not None:
+            try:
+                st = os.stat(self.model.info.path)
+            except OSError:
+                return None  # deleted: the mapping keeps the old pages
+            if (st.st_dev, st.st_ino) == self.key and (st.st_size, st.st_mtime_ns) != self.stamp:
+                self.changed = (f"{self.model.info.path} changed on disk while loaded "
+                                f"(size {self.stamp[0]} -> {st.st_size})")
+        return self.changed
 
     @property
     def memory_bytes(self) -> int:
@@ -215,8 +243,11 @@ class ModelPool:
         keep_alive: str | int | float | None = None,
         available_ram: Callable[[], int] | None = None,
         free_vram: Callable[[], int] | None = None,
+        models_dirs: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         self.load_options = dict(load_options or {})
+        # the only directories whose files a client may name by path or file name
+        self.models_dirs = [Path(os.path.realpath(os.path.expanduser(d))) for d in models_dirs]
         if keep_alive is None:
             from ..config import load_config
 
@@ -247,7 +278,7 @@ class ModelPool:
     async def serve(self, spec: str | None, alias: str | None = None) -> Target:
         """Add a startup model: the default for requests that name none (the first), and
         listed by its alias, else its name (a file's name for a path)."""
-        target = await self.target(spec)
+        target = await self.target(spec, trusted=True)
         if alias:
             target = Target(target.key, dataclasses.replace(target.model, name=alias))
         path = target.path
@@ -255,8 +286,9 @@ class ModelPool:
         self._served.append(target)
         return target
 
-    async def target(self, name: str | None) -> Target:
-        """Resolve a requested name (off the event loop); None or "" is the default model."""
+    async def target(self, name: str | None, *, trusted: bool = False) -> Target:
+        """Resolve a requested name (off the event loop); None or "" is the default model.
+        ``trusted`` (the operator's startup models) may name any path."""
         if not name or not name.strip():
             if self._served:
                 return self._served[0]
@@ -265,8 +297,10 @@ class ModelPool:
         hit = self._names.get(key) if key else None
         if hit is not None:
             return hit
-        # a server never starts a multi-gigabyte pull inside a request: that is `models pull`
-        resolved = await work.disk(resolve_model, name, pull=False)
+        if trusted:
+            resolved = await work.disk(resolve_model, name, pull=False)
+        else:
+            resolved = await work.disk(self.resolve_untrusted, name)
         try:
             fkey = await work.disk(file_key, resolved.path)
         except OSError as e:
@@ -276,6 +310,43 @@ class ModelPool:
         if key:
             self._names[key] = target
         return target
+
+    def resolve_untrusted(self, name: str | None) -> ResolvedModel:
+        """A name from a client: a model the store knows (embedded, pulled, Ollama's, the
+        catalog's, never pulled here: that is ``models pull``), or a regular ``.gguf``
+        file inside ``models_dirs``. Any other path is an unknown model, the same answer
+        whether it exists or not; nothing of it is read."""
+        if name is None or not _looks_like_path(name):
+            return resolve_model(name, pull=False, paths=False)
+        unknown = ModelNotFound(f"unknown model {name[:200]!r}: over HTTP only models the store knows and "
+                                "files under --models-dir (HEARTH_MODELS_DIR) can be used")
+        if not self.models_dirs or "\x00" in name or len(name) > 4096:
+            raise unknown
+        candidates = [Path(name)] if os.path.isabs(name) or os.sep in name else [d / name for d in self.models_dirs]
+        for c in candidates:
+            real = Path(os.path.realpath(c if c.is_absolute() else self.models_dirs[0] / c))
+            if not any(real.is_relative_to(d) for d in self.models_dirs):
+                continue
+            try:
+                st = os.stat(real)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):  # not a FIFO, a device or a directory
+                return resolve_model(real)
+        raise unknown
+
+    def models_dir_names(self) -> list[str]:
+        """The ``.gguf`` files directly inside ``models_dirs`` (listed by file name)."""
+        out = []
+        for d in self.models_dirs:
+            try:
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.lower().endswith(".gguf") and e.is_file() and not _later_split_part(e.name):
+                    out.append(e.name)
+        return out
 
     def served_names(self) -> list[str]:
         return [t.name for t in self._served]
@@ -293,6 +364,10 @@ class ModelPool:
         target = await self.target(name)
         key = target.key
         entry = self._loaded.get(key)
+        if entry is not None and await work.disk(entry.check_file):
+            self._drop_changed(entry)
+            raise ModelChanged(f"{entry.changed}; hearth stopped using it. Send the request again to load "
+                               "the file as it is now")
         waited = 0.0
         if entry is None:
             task = self._loading.get(key)
@@ -312,6 +387,19 @@ class ModelPool:
             entry.keep_alive = ka
         entry.touch()
         return Lease(self, entry, waited, target)
+
+    def _drop_changed(self, entry: Loaded) -> None:
+        """Out of the pool: no new request may start on a file changed under it."""
+        log.error("%s", entry.changed)
+        if self._loaded.get(entry.key) is entry:
+            del self._loaded[entry.key]
+        self._retire(entry)
+
+    async def check_files(self) -> None:
+        """Drop every loaded model whose file changed in place (``/api/ps`` looks)."""
+        for entry in list(self._loaded.values()):
+            if await work.disk(entry.check_file):
+                self._drop_changed(entry)
 
     def _release(self, lease: Lease) -> None:
         entry = lease.entry
@@ -357,6 +445,17 @@ class ModelPool:
             await work.load(model.close)
             raise EngineError("the server is shutting down")
         entry = Loaded(model, target.key, time.perf_counter() - t0, keep_alive=keep_alive)
+        try:
+            st = await work.disk(os.stat, target.path)
+            entry.stamp = (st.st_size, st.st_mtime_ns)
+            if (st.st_dev, st.st_ino) != target.key or (model.info.split_count == 1 and
+                                                         st.st_size != model.info.file_size):
+                entry.changed = f"{target.path} changed on disk while it was loading"
+        except OSError:
+            pass
+        if entry.changed:
+            await work.load(model.close)
+            raise ModelChanged(f"{entry.changed}; send the request again")
         entry.touch()
         log.info("loaded %s in %.2fs (%r)", target.name, entry.load_seconds, model)
         return entry
@@ -498,6 +597,7 @@ class ModelPool:
 
         names = [*self.served_names(), *(e.model.name for e in self._loaded.values())]
         names += [m.name for m in await work.disk(installed, details=False)]
+        names += await work.disk(self.models_dir_names)
         return list(dict.fromkeys(names))
 
     async def aclose(self) -> None:

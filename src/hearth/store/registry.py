@@ -37,6 +37,7 @@ def resolve_model(
     pull: bool = True,
     announce: Callable[[str], None] | None = _announce,
     progress: Callable[[str, int, int], None] | None | str = "stderr",
+    paths: bool = True,
 ) -> ResolvedModel:
     """What a user names, as a GGUF file on disk. In order:
 
@@ -44,7 +45,8 @@ def resolve_model(
     pulled; a model in the user's Ollama store (run in place); a catalog name. A catalog
     or hf.co model that is not downloaded yet is pulled first (saying so through
     ``announce``, with a progress line on stderr unless ``progress`` says otherwise)
-    unless ``pull`` is false.
+    unless ``pull`` is false. ``paths=False`` (names from HTTP clients) never looks a
+    name up as a path on this machine.
     """
     from . import local
     from .pull import parse_hf_ref
@@ -56,8 +58,10 @@ def resolve_model(
 
         model = load_config().model
     text = os.fspath(model)
+    if not text.strip() or len(text) > MAX_NAME_LENGTH or "\x00" in text:
+        raise ModelNotFound(f"unknown model {text[:80]!r}")
     p = Path(text).expanduser()
-    if p.exists():
+    if paths and _exists(p):
         from ..gguf import detect_format
 
         detect_format(p)  # directories and non-GGUF formats: say what would serve them
@@ -94,9 +98,19 @@ def resolve_model(
             progress = StderrProgress()
         stored = local.pull(text, announce=announce, progress=progress)  # type: ignore[arg-type]
         return ResolvedModel(stored.name, stored.path, stored.source)
-    if key.endswith(".gguf") or os.sep in text or text.startswith("."):
+    if paths and (key.endswith(".gguf") or os.sep in text or text.startswith(".")):
         raise ModelNotFound(f"{text}: no such file")
     raise ModelNotFound(_unknown(text))
+
+
+MAX_NAME_LENGTH = 1024
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
 
 
 def known_names() -> list[str]:

@@ -26,22 +26,11 @@ import llama_cpp as ll
 import numpy as np
 
 from ...errors import BadRequest
+from ...grammar import check_grammar, schema_to_grammar
 from ...types import GenerationParams
 
 if TYPE_CHECKING:
     from .model import LlamaModel
-
-
-def json_schema_to_grammar(schema: dict | str) -> str:
-    import json
-
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    text = schema if isinstance(schema, str) else json.dumps(schema)
-    try:
-        return json_schema_to_gbnf(text)
-    except Exception as e:  # the converter raises assorted errors
-        raise BadRequest(f"invalid JSON schema: {e}") from None
 
 
 _stderr_lock = threading.Lock()
@@ -121,7 +110,9 @@ class Sampler:
             self._add(self._penalties)
         grammar = p.grammar
         if p.json_schema is not None:
-            grammar = json_schema_to_grammar(p.json_schema)
+            grammar = schema_to_grammar(p.json_schema)  # bounded and checked
+        elif grammar:
+            check_grammar(grammar)
         if grammar:
             with _quiet_stderr():  # llama.cpp's grammar parser prints errors to fd 2
                 g = ll.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
@@ -170,4 +161,4 @@ class Sampler:
             pass
 
 
-__all__ = ["Sampler", "json_schema_to_grammar"]
+__all__ = ["Sampler"]

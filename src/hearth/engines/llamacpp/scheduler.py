@@ -390,11 +390,10 @@ class Scheduler:
     def _step(self) -> None:
         active = [s for s in self.slots if s.busy]
         generating = [s for s in active if s.next_token is not None]
-        # Chunked prefill: while others generate, a prompt gets one ubatch per step so
-        # nobody's next token waits behind a long prompt.
-        budget = self._batch_cap - len(generating)
-        if generating:
-            budget = min(budget, self.model.plan.n_ubatch)
+        # Chunked prefill: a prompt gets one ubatch per step, so nobody's next token waits
+        # behind a long prompt, and a request cancelled mid-prompt (its client gone) stops
+        # within one ubatch. llama_decode splits a bigger batch into ubatches anyway.
+        budget = min(self._batch_cap - len(generating), self.model.plan.n_ubatch)
         if self._kv_full and generating:
             budget = 0  # the cache is full: let running requests finish first
         saved = [(s, s.n_past, len(s.cache_tokens), s.todo) for s in active]
