@@ -27,12 +27,13 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(
         ("BadRequest", "Busy", "Cancelled", "ConfigError", "ContextOverflow", "DoesNotFit",
-         "EngineError", "HearthError", "InvalidModel", "ModelNotFound", "UnsupportedFormat"),
+         "EngineError", "HearthError", "InvalidModel", "ModelChanged", "ModelNotFound", "UnsupportedFormat"),
         ".errors",
     ),
     "ModelInfo": ".gguf",
     **dict.fromkeys(("LoadOptions", "LoadPlan", "MemoryEstimate"), ".planner"),
-    **dict.fromkeys(("GenerationChunk", "GenerationConfig", "GenerationResult", "Timings", "Usage"), ".types"),
+    **dict.fromkeys(("GenerationChunk", "GenerationConfig", "GenerationParams", "GenerationResult", "Timings", "Usage"),
+        ".types"),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -63,4 +64,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from .gguf import ModelInfo
     from .planner import LoadOptions, LoadPlan, MemoryEstimate
-    from .types import GenerationChunk, GenerationConfig, GenerationResult, Timings, Usage
+    from .types import GenerationChunk, GenerationConfig, GenerationParams, GenerationResult, Timings, Usage
