@@ -8,6 +8,7 @@ import random
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
@@ -18,7 +19,15 @@ from .gguf import ModelInfo, inspect_model
 from .hardware import Hardware, detect_hardware, process_rss
 from .planner import LoadOptions, LoadPlan, MemoryEstimate, estimate_memory, plan_load
 from .store import ResolvedModel, resolve_model
-from .types import UNSET, GenerationChunk, GenerationParams, GenerationResult, resolve_params
+from .types import (
+    UNSET,
+    GenerationChunk,
+    GenerationParams,
+    GenerationResult,
+    GiB,
+    MappingView,
+    resolve_params,
+)
 
 ModelRef = "Model | str | os.PathLike[str] | None"
 
@@ -210,6 +219,44 @@ def _load_options(overrides: Mapping[str, Any]) -> LoadOptions:
     return LoadOptions(**{k: v for k, v in overrides.items() if v is not None})
 
 
+# llama-cpp-python's Llama() arguments that code passes to load_model: those that change
+# nothing here (hearth logs quietly; embeddings and per-request logits need no flag), and
+# those that become a model default for every request.
+_LLAMA_NO_OPS = frozenset({"verbose", "embedding", "logits_all", "no_perf", "offload_kqv", "vocab_only"})
+_LLAMA_AS_DEFAULTS = {"seed": "seed", "last_n_tokens_size": "repeat_last_n"}
+_GGML_KV_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 30: "bf16"}
+
+
+def _llama_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """Take llama-cpp-python's ``Llama(...)`` arguments out of ``kw``: returns the
+    generation defaults they set; ``type_k``/``type_v`` become ``kv_type``."""
+    defaults: dict[str, Any] = {}
+    for name in _LLAMA_NO_OPS & set(kw):
+        del kw[name]
+    for name, field_name in _LLAMA_AS_DEFAULTS.items():
+        if name in kw:
+            value = kw.pop(name)
+            if not (name == "seed" and value == -1):  # llama-cpp-python: -1 = random
+                defaults[field_name] = value
+    kinds = {kw.pop(k) for k in ("type_k", "type_v") if k in kw}
+    if kinds:
+        names = {_GGML_KV_TYPES.get(k, k) if isinstance(k, int) else k for k in kinds}
+        if len(names) > 1:
+            raise BadRequest(f"type_k and type_v must be the same here, got {sorted(map(str, names))}")
+        kw.setdefault("kv_type", names.pop())
+    return defaults
+
+
+def _model_arg(model: Any, kw: dict[str, Any]) -> Any:
+    """``model_path=`` is accepted as the name of the model argument (llama-cpp-python's)."""
+    if "model_path" in kw:
+        path = kw.pop("model_path")
+        if model is not None:
+            raise BadRequest("give the model once: positionally or as model_path=, not both")
+        return path
+    return model
+
+
 def load_model(
     model: str | os.PathLike[str] | ResolvedModel | None = None,
     n_ctx: int | None = None,
@@ -220,7 +267,13 @@ def load_model(
     """Load a model by path or known name, planned for this machine.
 
     Settings come from flags (these arguments) > environment > config file > planner.
+    ``n_gpu_layers``: 0 = CPU only, -1 = all layers, None = as many as fit. ``n_threads``
+    None = one per physical core. ``model_path=`` and llama-cpp-python's ``Llama()``
+    arguments that make sense here (``seed``, ``type_k``/``type_v``, ``verbose``...) are
+    accepted too.
     """
+    model = _model_arg(model, overrides)
+    own_defaults = _llama_kwargs(overrides)
     cfg = load_config()
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model if model is not None else cfg.model)
     info = inspect_model(resolved.path)
@@ -233,7 +286,7 @@ def load_model(
     if cfg.max_queue < 0:
         raise BadRequest(f"max_queue must be >= 0, got {cfg.max_queue}")
     return Model(resolved.name, info, plan, hw, max_queue=cfg.max_queue,
-                 defaults=resolved.defaults, system=resolved.system)
+                 defaults={**(resolved.defaults or {}), **own_defaults}, system=resolved.system)
 
 
 # A small cache so quick_* and name-based calls do not reload on every call.
@@ -297,26 +350,42 @@ def quick_chat(messages: Sequence[Mapping[str, Any]] | str, **kw: Any) -> str:
     return generate_chat(None, messages, **kw).text  # type: ignore[union-attr]
 
 
-def get_model_info(model: str | os.PathLike[str] | ResolvedModel | None = None) -> ModelInfo:
-    """Inspect a GGUF file (or known model) without loading its weights."""
+def get_model_info(model: Model | str | os.PathLike[str] | ResolvedModel | None = None, **kw: Any) -> ModelInfo:
+    """Inspect a GGUF file (or known model) without loading its weights. A loaded
+    ``Model`` gives its own. The result is a dataclass and a read-only mapping."""
+    model = _model_arg(model, kw)
+    if kw:
+        raise BadRequest(f"get_model_info takes only the model, got {', '.join(sorted(kw))}")
+    if isinstance(model, Model):
+        return model.info
     return inspect_model(resolve_model(model).path)
 
 
-def plan_model(model: str | os.PathLike[str] | ResolvedModel | None = None, **wishes: Any) -> LoadPlan:
-    """The LoadPlan hearth would use for this model on this machine."""
+def plan_model(model: Model | str | os.PathLike[str] | ResolvedModel | None = None, **wishes: Any) -> LoadPlan:
+    """The LoadPlan hearth would use for this model on this machine (a loaded ``Model``
+    without wishes: the plan it was loaded with)."""
+    model = _model_arg(model, wishes)
     cfg = load_config()
-    resolved = resolve_model(model if model is not None else cfg.model)
-    info = inspect_model(resolved.path)
-    opts = _load_options(resolved.load).merged(cfg.load_options()).merged(_load_options(wishes))
+    if isinstance(model, Model):
+        if not wishes:
+            return model.plan
+        info, load = model.info, {}
+    else:
+        resolved = resolve_model(model if model is not None else cfg.model)
+        info, load = inspect_model(resolved.path), resolved.load
+    opts = _load_options(load).merged(cfg.load_options()).merged(_load_options(wishes))
     return plan_load(info, detect_hardware(), opts)
 
 
 def estimate_memory_usage(
-    model: str | os.PathLike[str] | None = None,
+    model: Model | str | os.PathLike[str] | None = None,
     n_ctx: int | None = None,
     **wishes: Any,
 ) -> MemoryEstimate:
-    """Bytes of RAM and VRAM the model will use at ``n_ctx`` (default: the planned context)."""
+    """Bytes of RAM and VRAM the model will use at ``n_ctx`` (default: the planned
+    context). Also a mapping: ``model_size``, ``kv_cache``, ``compute``, ``total_ram``,
+    ``total``, in bytes, and ``<name>_gb``."""
+    model = _model_arg(model, wishes)
     plan = plan_model(model, **wishes)
     info = get_model_info(model)
     return estimate_memory(
@@ -332,7 +401,12 @@ def estimate_memory_usage(
 
 
 @dataclass
-class BenchmarkResult:
+class BenchmarkResult(MappingView):
+    """What ``benchmark_inference`` measured. Also a read-only mapping of ``to_dict()``,
+    which adds the names other libraries use: ``tokens_per_second``,
+    ``prompt_tokens_per_second``, ``time_to_first_token`` (seconds), ``memory_usage``
+    (peak RSS, bytes), ``total_tokens`` (tokens generated) and ``per_prompt``."""
+
     model: str
     n_prompt: int
     n_gen: int
@@ -348,9 +422,43 @@ class BenchmarkResult:
     peak_rss_bytes: int = 0
     prompts: list[dict[str, Any]] = field(default_factory=list)
     concurrency: list[dict[str, Any]] = field(default_factory=list)
+    mode: str = "synthetic"  # "synthetic" (n_prompt/n_gen, llama-bench style) or "prompts"
+    concurrent: bool = False  # prompts ran side by side in the model's slots
+    total_tokens: int = 0  # tokens generated, all runs together
+    total_prompt_tokens: int = 0
+    wall_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tg_tokens_per_second
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.pp_tokens_per_second
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.ttft_seconds
+
+    @property
+    def memory_usage(self) -> int:
+        return self.peak_rss_bytes
+
+    @property
+    def per_prompt(self) -> list[dict[str, Any]]:
+        return self.prompts
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.update(
+            tokens_per_second=self.tokens_per_second,
+            prompt_tokens_per_second=self.prompt_tokens_per_second,
+            time_to_first_token=self.time_to_first_token,
+            memory_usage=self.memory_usage,
+            memory_usage_gb=round(self.memory_usage / GiB, 3),
+            per_prompt=d["prompts"],
+        )
+        return d
 
 
 # greedy, no penalties: like llama-bench, measure the model, not the sampler
@@ -406,25 +514,45 @@ def benchmark_concurrency(
 
 def benchmark_inference(
     model: Model | str | os.PathLike[str] | None = None,
-    prompts: Sequence[str] | None = None,
+    prompts: Sequence[str] | str | None = None,
     *,
+    max_tokens: int | None = UNSET,
+    concurrent: bool = True,
     n_prompt: int = 512,
     n_gen: int = 128,
     repetitions: int = 3,
     warmup: bool = True,
     seed: int = 1234,
     concurrency: Sequence[int] = (),
+    **sampling: Any,
 ) -> BenchmarkResult:
-    """Prompt (pp) and generation (tg) tokens/s, ttft and peak memory, llama-bench style.
+    """Measure speed and memory.
 
-    pp: a prompt of ``n_prompt`` random tokens, time to its first token. tg: ``n_gen``
-    tokens generated from a one-token prompt, end of stream ignored. Both run through
-    the real generation path (scheduler and native sampler), greedy. ``prompts`` adds
-    per-prompt timings for real text.
+    With ``prompts``: each prompt is generated for (``max_tokens``, default ``n_gen``;
+    ``sampling`` as for ``generate_text``, seeded with ``seed``), all at once in the
+    model's slots unless ``concurrent=False``. Reports one ``per_prompt`` entry each, and
+    aggregates: generated tokens per second of wall time, prompt tokens per second of
+    prefill, mean time to first token, peak RSS.
+
+    Without (llama-bench style): pp is a prompt of ``n_prompt`` random tokens, timed to
+    its first token; tg is ``n_gen`` tokens generated from a one-token prompt, end of
+    stream ignored; greedy, ``repetitions`` times. ``concurrency`` adds aggregate
+    throughput at those numbers of requests at once.
     """
+    sampling_kw = dict(sampling)
+    model = _model_arg(model, sampling_kw)
     t0 = time.perf_counter()
     m = _model(model)
     load_s = time.perf_counter() - t0
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if prompts is not None:
+        return _benchmark_prompts(m, list(prompts), load_s, max_tokens=n_gen if max_tokens is UNSET else max_tokens,
+                                  concurrent=concurrent, warmup=warmup, seed=seed, sampling=sampling_kw)
+    if sampling_kw or max_tokens is not UNSET:
+        given = sorted([*sampling_kw, *(["max_tokens"] if max_tokens is not UNSET else [])])
+        raise BadRequest(f"{', '.join(given)}: sampling settings apply only to benchmarks over prompts; "
+                         "the synthetic benchmark is greedy, n_prompt/n_gen tokens")
     peak = process_rss()
     rng = random.Random(seed)
     n_vocab = m.engine.n_vocab
@@ -437,26 +565,26 @@ def benchmark_inference(
         r = m.generate_text(toks, max_tokens=1, **greedy)
         return n_prompt / r.timings.prompt_seconds, r.timings.ttft
 
-    def tg_once() -> float:
+    def tg_once() -> tuple[float, int]:
         # a fresh one-token prompt each time, so no cached prefix shortens the run
         r = m.generate_text([rng.randrange(n_vocab)], max_tokens=n_gen, **greedy)
-        return r.usage.completion_tokens / (r.timings.prompt_seconds + r.timings.generation_seconds)
+        n = r.usage.completion_tokens
+        return n / (r.timings.prompt_seconds + r.timings.generation_seconds), n
 
+    t_start = time.perf_counter()
     if warmup:
         m.generate_text([rng.randrange(n_vocab) for _ in range(min(n_prompt, 32) or 1)], max_tokens=2, **greedy)
     pp, ttft, tg = [], [], []
+    generated = 0
     for _ in range(repetitions):
         if n_prompt > 0:
             a, b = pp_once()
             pp.append(a)
             ttft.append(b)
         if n_gen > 0:
-            tg.append(tg_once())
-        peak = max(peak, process_rss())
-    per_prompt = []
-    for text in prompts or []:
-        r = m.generate_text(text, max_tokens=n_gen, **greedy)
-        per_prompt.append({"prompt": text[:60], **r.timings.to_dict(), **r.usage.to_dict()})
+            speed, n = tg_once()
+            tg.append(speed)
+            generated += n
         peak = max(peak, process_rss())
     levels = benchmark_concurrency(m, concurrency, n_prompt=n_prompt, n_gen=n_gen, seed=seed) if concurrency else []
     peak = max(peak, process_rss())
@@ -475,5 +603,89 @@ def benchmark_inference(
         ttft_seconds=statistics.fmean(ttft) if ttft else 0.0,
         load_seconds=load_s,
         peak_rss_bytes=peak,
+        total_tokens=generated,
+        total_prompt_tokens=n_prompt * len(pp),
+        wall_seconds=time.perf_counter() - t_start,
+    )
+
+
+def _union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end) intervals: time when any was running."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _benchmark_prompts(m: Model, prompts: list[str], load_s: float, *, max_tokens: int | None, concurrent: bool,
+                       warmup: bool, seed: int, sampling: dict[str, Any]) -> BenchmarkResult:
+    if not prompts:
+        raise BadRequest("benchmark_inference: prompts is empty")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise BadRequest(f"benchmark_inference: prompts must be strings (item {bad[0]} is "
+                         f"{type(prompts[bad[0]]).__name__})")
+    params = m.params(max_tokens=max_tokens, seed=seed, **sampling)  # validated before anything runs
+    peak = process_rss()
+    if warmup:  # random tokens, so no prompt finds itself already in the cache
+        rng = random.Random(seed)
+        m.generate_text([rng.randrange(m.engine.n_vocab) for _ in range(8)], max_tokens=2, **_GREEDY)
+    workers = m.plan.parallel if concurrent else 1
+    lock = threading.Lock()
+
+    def one(prompt: str) -> tuple[float, GenerationResult]:
+        nonlocal peak
+        t_submit = time.perf_counter()
+        r = m.generate_text(prompt, params)
+        rss = process_rss()
+        with lock:
+            peak = max(peak, rss)
+        return t_submit, r
+
+    t_start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hearth-bench") as pool:
+        runs = list(pool.map(one, prompts))
+    wall = time.perf_counter() - t_start
+    per_prompt = []
+    prefill: list[tuple[float, float]] = []
+    for prompt, (t_submit, r) in zip(prompts, runs):
+        u, t = r.usage, r.timings
+        prefill.append((t_submit + t.queue_seconds, t_submit + t.ttft))
+        per_prompt.append({
+            "prompt": prompt,
+            "output": r.text,
+            "finish_reason": r.finish_reason,
+            "prompt_tokens": u.prompt_tokens,
+            "cached_tokens": u.cached_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.completion_tokens,
+            "time_to_first_token": t.ttft,
+            "tokens_per_second": t.generation_tokens_per_second,
+            "prompt_tokens_per_second": t.prompt_tokens_per_second,
+            "queue_seconds": t.queue_seconds,
+            "total_seconds": t.total_seconds,
+        })
+    generated = sum(r.usage.completion_tokens for _, r in runs)
+    decoded = sum(r.usage.prompt_tokens - r.usage.cached_tokens for _, r in runs)
+    prefill_s = _union_seconds(prefill)
+    return BenchmarkResult(
+        model=m.name,
+        n_prompt=round(statistics.fmean(r.usage.prompt_tokens for _, r in runs)),
+        n_gen=max_tokens or 0,
+        repetitions=1,
+        n_threads=m.plan.n_threads,
+        n_gpu_layers=m.plan.n_gpu_layers,
+        pp_tokens_per_second=decoded / prefill_s if prefill_s > 0 else 0.0,
+        tg_tokens_per_second=generated / wall if wall > 0 else 0.0,
+        ttft_seconds=statistics.fmean(r.timings.ttft for _, r in runs),
+        load_seconds=load_s,
+        peak_rss_bytes=max(peak, process_rss()),
         prompts=per_prompt,
+        mode="prompts",
+        concurrent=workers > 1,
+        total_tokens=generated,
+        total_prompt_tokens=sum(r.usage.prompt_tokens for _, r in runs),
+        wall_seconds=wall,
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidModel, ModelNotFound, UnsupportedFormat
+from .types import GiB, MappingView
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -198,8 +199,12 @@ class GGUFFile:
 
 
 @dataclass
-class ModelInfo:
-    """What a GGUF file says about the model, without loading any weights."""
+class ModelInfo(MappingView):
+    """What a GGUF file says about the model, without loading any weights.
+
+    Also a read-only mapping (``info["quantization"]``, ``dict(info)``) of ``to_dict()``,
+    which adds the names other libraries use: ``parameter_count``, ``n_layers``,
+    ``n_ctx_train``, ``file_size_gb``."""
 
     path: Path
     file_size: int
@@ -251,11 +256,14 @@ class ModelInfo:
             "architecture": self.architecture,
             "name": self.name,
             "parameters": self.parameters,
+            "parameter_count": self.parameters,
             "quantization": self.quantization,
             "quantization_source": self.quantization_source,
             "bits_per_weight": round(self.bits_per_weight, 2),
             "context_length": self.context_length,
+            "n_ctx_train": self.context_length,
             "block_count": self.block_count,
+            "n_layers": self.block_count,
             "embedding_length": self.embedding_length,
             "feed_forward_length": self.feed_forward_length,
             "head_count": self.head_count,
@@ -266,9 +274,14 @@ class ModelInfo:
             "sliding_window": self.sliding_window,
             "swa_layers": self.swa_layers,
             "has_chat_template": self.has_chat_template,
+            "chat_template": self.chat_template,
             "tensor_types": dict(self.tensor_types),
             "weights_bytes": self.weights_bytes,
+            "file_size_gb": round(self.file_size / GiB, 3),
             "split_count": self.split_count,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "sampling": dict(self.sampling),
         }
 
 

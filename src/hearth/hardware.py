@@ -65,13 +65,21 @@ def physical_cores() -> int:
     return max(1, n)
 
 
+def logical_cores() -> int:
+    """The CPUs this process may run on (affinity and cpusets respected)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def detect_hardware(include_gpus: bool = True) -> Hardware:
     """Read the machine now (available RAM and free VRAM change over time)."""
     vm = psutil.virtual_memory()
     gpus = tuple(llama_gpus()) if include_gpus else ()
     return Hardware(
         physical_cores=physical_cores(),
-        logical_cores=os.cpu_count() or 1,
+        logical_cores=logical_cores(),
         total_ram=vm.total,
         available_ram=vm.available,
         gpus=gpus,

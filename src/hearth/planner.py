@@ -15,6 +15,7 @@ from typing import Any
 from .errors import BadRequest, DoesNotFit
 from .gguf import ModelInfo
 from .hardware import Hardware
+from .types import MappingView
 
 GiB = 1024**3
 MiB = 1024**2
@@ -101,7 +102,14 @@ class LoadOptions:
 
 
 @dataclass
-class MemoryEstimate:
+class MemoryEstimate(MappingView):
+    """Bytes a loaded model will use, split between RAM and VRAM.
+
+    Also a read-only mapping of ``to_dict()``, which adds the totals other libraries
+    use: ``model_size`` (the weights), ``kv_cache``, ``compute`` (compute and output
+    buffers), ``total_ram`` (host RAM), ``total_vram``, ``total`` (both), ``file_size``
+    and ``n_ctx``, in bytes, and each total in GiB as ``<name>_gb``."""
+
     weights_ram: int
     weights_vram: int
     kv_ram: int
@@ -109,6 +117,9 @@ class MemoryEstimate:
     compute_ram: int
     compute_vram: int
     output_ram: int
+    n_ctx: int = 0  # per slot
+    parallel: int = 1
+    file_size: int = 0
 
     @property
     def ram(self) -> int:
@@ -122,14 +133,32 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.ram + self.vram
 
-    def to_dict(self) -> dict[str, int]:
-        d = asdict(self)
-        d.update(ram=self.ram, vram=self.vram, total=self.total)
+    @property
+    def model_size(self) -> int:
+        return self.weights_ram + self.weights_vram
+
+    @property
+    def kv_cache(self) -> int:
+        return self.kv_ram + self.kv_vram
+
+    @property
+    def compute(self) -> int:
+        return self.compute_ram + self.compute_vram + self.output_ram
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = asdict(self)
+        totals = {"model_size": self.model_size, "kv_cache": self.kv_cache, "compute": self.compute,
+                  "total_ram": self.ram, "total_vram": self.vram, "total": self.total}
+        d.update(ram=self.ram, vram=self.vram, **totals)
+        d.update({f"{k}_gb": round(v / GiB, 3) for k, v in totals.items()})
         return d
 
 
 @dataclass
-class LoadPlan:
+class LoadPlan(MappingView):
+    """How a model will be loaded on this machine. Also a read-only mapping of
+    ``to_dict()`` (``plan["n_ctx"]``; ``plan["memory"]`` is the estimate as a dict)."""
+
     n_ctx: int
     n_gpu_layers: int
     n_threads: int
@@ -249,6 +278,9 @@ def estimate_memory(
         compute_ram=compute_ram,
         compute_vram=compute_vram,
         output_ram=output_ram,
+        n_ctx=n_ctx,
+        parallel=parallel,
+        file_size=info.file_size,
     )
 
 
@@ -289,6 +321,14 @@ def plan_load(
 
     n_threads = opts.n_threads or hardware.physical_cores
     n_threads_batch = opts.n_threads_batch or n_threads
+    # More threads than CPUs makes llama.cpp several times slower (its threads spin at
+    # each barrier; measured 5-7x slower generation at 8 threads on 2 CPUs), so a count
+    # written for a bigger machine is capped at the CPUs this one has.
+    cpus = max(1, hardware.logical_cores)
+    if n_threads > cpus or n_threads_batch > cpus:
+        notes.append(f"n_threads {max(n_threads, n_threads_batch)} is more than the {cpus} CPUs here; "
+                     f"using {min(max(n_threads, n_threads_batch), cpus)} (extra threads only slow llama.cpp down)")
+        n_threads, n_threads_batch = min(n_threads, cpus), min(n_threads_batch, cpus)
     src("n_threads", opts.n_threads)
     src("n_threads_batch", opts.n_threads_batch or opts.n_threads)
     # Each slot (concurrent request) has its own KV stream of n_ctx cells: a request's

@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from collections.abc import Mapping as MappingABC
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Mapping
 
 from .errors import BadRequest
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+GiB = 1024**3
+
+
+class MappingView(MappingABC):
+    """A typed result that also reads as a read-only mapping of its ``to_dict()``:
+    ``obj["key"]``, ``keys()``, ``dict(obj)`` and ``json.dumps(dict(obj))`` work, for code
+    written against functions that return plain dicts. The attributes stay the typed API;
+    the mapping is a JSON-ready view of them (nested values are plain dicts and lists)."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_dict()
 
 
 class _Unset:
@@ -279,23 +307,45 @@ class Timings:
         return {k: round(v, 6) for k, v in asdict(self).items()}
 
 
-@dataclass
-class GenerationChunk:
-    """One piece of a stream: new text (possibly empty) and the tokens behind it."""
+class _Text(str):
+    """A str that is also a dataclass: it prints, compares, hashes, concatenates and
+    JSON-encodes as its ``text``, and carries the other fields as attributes."""
+
+    def __new__(cls, text: str = "", *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, text)
+
+    def __repr__(self) -> str:
+        return str.__repr__(self)
+
+
+@dataclass(eq=False, repr=False)
+class GenerationChunk(_Text):
+    """One piece of a stream: new text (possibly empty) and the tokens behind it.
+    It is a ``str`` of its text, so ``print(chunk, end="")`` prints the text."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
 
 
-@dataclass
-class GenerationResult:
+@dataclass(eq=False, repr=False)
+class GenerationResult(_Text):
+    """What a generation returns. It is a ``str`` of the generated text (``print``,
+    ``+``, ``in``, ``len``, f-strings and ``json.dumps`` see the text) that also carries
+    ``.text``, ``.finish_reason``, ``.usage``, ``.timings``, ``.token_ids`` and ``.model``."""
+
     text: str
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
     token_ids: list[int] = field(default_factory=list)
     model: str = ""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "text" and "text" in self.__dict__ and value != self.__dict__["text"]:
+            raise AttributeError("a GenerationResult's text is its str value and cannot change; "
+                                 "use dataclasses.replace(result, text=...)")
+        object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return {
