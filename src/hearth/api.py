@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import statistics
@@ -19,6 +20,18 @@ from .gguf import ModelInfo, inspect_model
 from .hardware import Hardware, detect_hardware, process_rss
 from .planner import LoadOptions, LoadPlan, MemoryEstimate, estimate_memory, plan_load
 from .store import ResolvedModel, resolve_model
+from .tools import (
+    ChatFormat,
+    OutputParser,
+    Tool,
+    ToolChoice,
+    build_grammar,
+    check_tool_messages,
+    detect_format,
+    generic_system_prompt,
+    parse_tool_choice,
+    parse_tools,
+)
 from .types import (
     UNSET,
     GenerationChunk,
@@ -30,6 +43,64 @@ from .types import (
 )
 
 ModelRef = "Model | str | os.PathLike[str] | None"
+
+
+@dataclass
+class ChatSetup:
+    """One chat request, ready to submit: ``prompt`` and ``params``; ``parser()`` reads
+    the output back into reasoning, content and tool calls."""
+
+    prompt: str
+    params: GenerationParams
+    format: ChatFormat
+    tools: list[Tool]
+    choice: ToolChoice
+    in_thinking: bool = False
+
+    def parser(self) -> OutputParser:
+        return OutputParser(self.format, self.tools, parse_calls=bool(self.tools), in_thinking=self.in_thinking)
+
+
+def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """``text`` appended to the first system message, or a new one before the rest."""
+    if messages and messages[0].get("role") in ("system", "developer"):
+        first = dict(messages[0])
+        content = first.get("content") or ""
+        first["content"] = (content + "\n\n" if isinstance(content, str) and content else "") + text
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _calls_as_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For templates that do not show tool calls: earlier calls become the JSON the
+    generic format writes, and tool results a user turn that says what they answer."""
+    out = []
+    names: dict[str, str] = {}
+    for m in messages:
+        calls = m.get("tool_calls")
+        if m.get("role") == "assistant" and calls:
+            listed = []
+            for c in calls:
+                fn = c.get("function") or {}
+                args = fn.get("arguments")
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except ValueError:
+                        pass
+                names[str(c.get("id"))] = str(fn.get("name"))
+                listed.append({"name": fn.get("name"), "arguments": args, "id": c.get("id")})
+            body = {"tool_calls": listed} if len(listed) > 1 else {"tool_call": listed[0]}
+            m = {k: v for k, v in m.items() if k != "tool_calls"}
+            m["content"] = json.dumps(body, ensure_ascii=False)
+        elif m.get("role") == "tool":
+            cid = m.get("tool_call_id")
+            content = m.get("content")
+            resp = {"tool": names.get(str(cid), m.get("name")), "tool_call_id": cid,
+                    "content": content}
+            m = {"role": "user", "content": json.dumps({"tool_response": resp}, ensure_ascii=False)}
+        out.append(m)
+    return out
 
 
 @dataclass
@@ -111,6 +182,57 @@ class Model:
         if stops:
             resolved.stop = list(dict.fromkeys([*resolved.stop, *stops]))
         return text, resolved
+
+    def chat_setup(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None = None,
+                   frontend: str = "library", *, defaults: ModelDefaults | None = None,
+                   tools: Sequence[Tool] | Sequence[Mapping[str, Any]] | None = None,
+                   tool_choice: ToolChoice | Any = None, parallel_tool_calls: bool = True,
+                   think: bool | str | None = None, **kw: Any) -> ChatSetup:
+        """Everything one chat request needs: the prompt (tools shown through the
+        model's own template), the resolved parameters (with the tool-call grammar),
+        and how to read the output back (``setup.parser()``: reasoning, content, calls).
+
+        ``think``: None leaves the template's default; True/False (or a level such as
+        "high") is passed to templates that take ``enable_thinking``/``reasoning_effort``.
+        """
+        own = defaults or self.own
+        tool_list = [t if isinstance(t, Tool) else None for t in tools or []]
+        if any(t is None for t in tool_list):
+            tool_list = parse_tools(list(tools or []))
+        choice = tool_choice if isinstance(tool_choice, ToolChoice) else parse_tool_choice(tool_choice, tool_list)
+        active = bool(tool_list) and choice.mode != "none"
+        template = self.engine.chat_template
+        fmt = detect_format(template.source) if template.kind == "model" else ChatFormat("generic")
+        if active and fmt.name != "generic" and not template.renders_tools:
+            fmt = ChatFormat("generic", fmt.think)
+        msgs = [dict(m) for m in messages]
+        if own.system and not any(m.get("role") == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": own.system})
+        check_tool_messages(msgs)
+        if not template.renders_tool_calls:
+            msgs = _calls_as_text(msgs)
+        if active and fmt.name == "generic":
+            msgs = _with_system(msgs, generic_system_prompt(tool_list, choice, parallel_tool_calls))
+        extra: dict[str, Any] = {}
+        if think is not None:
+            if template.mentions("enable_thinking"):
+                extra["enable_thinking"] = bool(think) and think not in ("none", "minimal")
+            if isinstance(think, str) and template.mentions("reasoning_effort"):
+                extra["reasoning_effort"] = think
+        text, stops = self.engine.render_chat(
+            msgs, tools=[t.to_openai() for t in tool_list] if active else None, extra=extra)
+        in_thinking = bool(fmt.think) and text.rstrip().endswith(fmt.think[0])  # type: ignore[index]
+        resolved = self.params(params, frontend, defaults=own, **kw)
+        if stops:
+            resolved.stop = list(dict.fromkeys([*resolved.stop, *stops]))
+        if active:
+            if resolved.grammar:
+                raise BadRequest("a grammar cannot be combined with tools; use one or the other")
+            tg = build_grammar(fmt, tool_list, choice, parallel_tool_calls, in_thinking=in_thinking,
+                               response_schema=resolved.json_schema)
+            if tg is not None:
+                resolved = resolved.updated(grammar=tg.grammar, json_schema=None, grammar_triggers=tg.triggers)
+        return ChatSetup(text, resolved, fmt, tool_list if active else [], choice, in_thinking)
 
     # -- generation ---------------------------------------------------------------
 

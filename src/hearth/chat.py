@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -63,7 +65,7 @@ FALLBACK_STOPS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ChatTemplate:
     source: str
     kind: str  # "model" (embedded) or the fallback's name
@@ -76,20 +78,53 @@ class ChatTemplate:
         bos_token: str = "",
         eos_token: str = "",
         add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
+        """``tools`` in OpenAI's shape (``{"type": "function", "function": {...}}``), as
+        templates expect; ``extra``: more template variables (``enable_thinking``)."""
         msgs = normalize_messages(messages)
         try:
             return _compile(self.source).render(
+                **(extra or {}),
                 messages=msgs,
                 bos_token=bos_token,
                 eos_token=eos_token,
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=list(tools) if tools else None,
             )
         except BadRequest:
             raise
         except Exception as e:
             raise BadRequest(f"the chat template could not render these messages: {e}") from None
+
+    def mentions(self, name: str) -> bool:
+        """Whether the template's source uses this variable (e.g. ``enable_thinking``)."""
+        return re.search(rf"\b{re.escape(name)}\b", self.source) is not None
+
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """Whether the template shows the tools it is given (else hearth describes them)."""
+        probe = [{"type": "function", "function": {"name": "hearth_probe_tool_7f3a", "description": "",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+        try:
+            return "hearth_probe_tool_7f3a" in self.render([{"role": "user", "content": "hi"}], tools=probe)
+        except BadRequest:
+            return False
+
+    @functools.cached_property
+    def renders_tool_calls(self) -> bool:
+        """Whether an assistant message's ``tool_calls`` appear in the prompt."""
+        msgs = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "hearth_probe_call_7f3a", "arguments": {"a": 1}}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "probe-result-7f3a"}]
+        try:
+            out = self.render(msgs, add_generation_prompt=False)
+        except BadRequest:
+            return False
+        return "hearth_probe_call_7f3a" in out
 
 
 def fallback_for(architecture: str) -> ChatTemplate:
@@ -127,23 +162,58 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         if isinstance(content, list):  # OpenAI content parts: keep the text parts
             parts = []
             for p in content:
-                if isinstance(p, Mapping) and p.get("type") == "text":
+                if isinstance(p, Mapping) and p.get("type") in ("text", "input_text", "output_text"):
                     parts.append(str(p.get("text", "")))
                 elif isinstance(p, str):
                     parts.append(p)
                 else:
-                    raise BadRequest(f"messages[{i}].content: only text parts are supported")
+                    kind = p.get("type") if isinstance(p, Mapping) else type(p).__name__
+                    raise BadRequest(f"messages[{i}].content: {kind!r} parts are not supported (text only)")
             content = "".join(parts)
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string")
         msg = dict(m)
         msg["role"], msg["content"] = ("system" if role == "developer" else role), content
+        if msg.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(msg["tool_calls"], i)
+        else:
+            msg.pop("tool_calls", None)
         out.append(msg)
+    return out
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's calls, with arguments as objects: templates write them
+    with ``| tojson`` (llama.cpp does the same conversion)."""
+    if not isinstance(calls, list):
+        raise BadRequest(f"messages[{i}].tool_calls must be a list")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise BadRequest(f"messages[{i}].tool_calls[{j}].function.name must be a string")
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise BadRequest(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON") from None
+        if args is None:
+            args = {}
+        if not isinstance(args, Mapping):
+            raise BadRequest(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
+        out.append({"id": str(c.get("id") or f"call_{j}"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": dict(args)}})
     return out
 
 
 def _raise(message: str) -> None:
     raise BadRequest(f"chat template: {message}")
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -157,6 +227,7 @@ def _compile(source: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson  # as transformers renders templates: not HTML-escaped
     try:
         return env.from_string(source)
     except Exception as e:

@@ -95,6 +95,10 @@ class GenerationParams:
     grammar: str | None = UNSET  # GBNF
     json_schema: dict | str | None = UNSET  # converted to GBNF by the engine
     ignore_eos: bool = UNSET  # keep going past end-of-generation tokens (benchmarks)
+    # the grammar applies lazily: from where one of these regexes (llama.cpp's trigger
+    # patterns: the whole output so far must match; group 1 starts the constrained part)
+    # first matches. Set by hearth for tool calls, not taken from clients.
+    grammar_triggers: list[str] = UNSET
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -228,6 +232,11 @@ class GenerationParams:
             raise BadRequest("give either grammar or json_schema, not both")
         if self.ignore_eos is not UNSET and not isinstance(self.ignore_eos, bool):
             raise BadRequest(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.grammar_triggers is not UNSET:
+            if not isinstance(self.grammar_triggers, list) or not all(
+                isinstance(t, str) and 0 < len(t) <= MAX_STOP_LENGTH for t in self.grammar_triggers
+            ) or len(self.grammar_triggers) > MAX_STOP_STRINGS:
+                raise BadRequest("grammar_triggers must be a short list of regular expressions")
 
 
 # The one table of defaults per front end: what a field is when neither the request nor
@@ -236,7 +245,7 @@ class GenerationParams:
 ENGINE_DEFAULTS = GenerationParams(
     max_tokens=None, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
     presence_penalty=0.0, frequency_penalty=0.0, repeat_last_n=64, seed=None, stop=[],
-    logit_bias={}, grammar=None, json_schema=None, ignore_eos=False,
+    logit_bias={}, grammar=None, json_schema=None, ignore_eos=False, grammar_triggers=[],
 )
 
 FRONTEND_DEFAULTS: dict[str, GenerationParams] = {

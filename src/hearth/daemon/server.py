@@ -137,12 +137,12 @@ class DaemonServer:
             raise BadRequest("model must be a string")
 
         async def handler(lease: Any) -> Any:
-            handle = await ollama.start(lease, params, frontend="cli", prompt=prompt, system=system,
-                                        raw=bool(body.get("raw")), messages=messages)
+            handle, _ = await ollama.start(lease, params, frontend="cli", prompt=prompt, system=system,
+                                           raw=bool(body.get("raw")), messages=messages)
             return await ollama.respond(
                 request, lease, handle, True,
-                lambda text: {"text": text},
-                lambda result, whole: {"result": result.to_dict()},
+                lambda text, kind: {"text": text},
+                lambda result, whole, parsed=None, calls_only=False: {"result": result.to_dict()},
                 lambda e: {"error": e.message, "status": e.http_status},
             )
 

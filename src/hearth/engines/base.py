@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
+from ..chat import ChatTemplate
 from ..gguf import ModelInfo, detect_format
 from ..planner import LoadPlan
 from ..types import GenerationChunk, GenerationParams, GenerationResult
@@ -65,8 +66,13 @@ class Engine(Protocol):
 
     def detokenize(self, tokens: list[int]) -> str: ...
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
-        """Prompt text for these messages and the stop strings the template implies."""
+    @property
+    def chat_template(self) -> ChatTemplate: ...
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> tuple[str, list[str]]:
+        """Prompt text for these messages (``tools`` and ``extra`` template variables
+        passed on) and the stop strings the template implies."""
         ...
 
     def submit(

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..engines.base import Handle
 from ..errors import BadRequest, Cancelled, HearthError, ModelNotFound
 from ..gguf import ModelInfo, inspect_model
+from ..tools import OutputParser, ParsedOutput, Tool, parse_tool_choice, parse_tools
 from ..types import GenerationParams, GenerationResult
 from . import work
 from .pool import Lease, LeasedStream, ModelPool, merge_streams, until_disconnected, with_lease
@@ -29,6 +30,7 @@ from .protocol import (
     OllamaPullRequest,
     OllamaDeleteRequest,
     _OllamaRequest,
+    ollama_params,
 )
 
 router = APIRouter(prefix="/api")
@@ -72,16 +74,20 @@ async def _leased(request: Request, req: _OllamaRequest, handler: Any) -> Any:
 async def start(
     lease: Lease, params: GenerationParams, *, frontend: str = "ollama",
     prompt: str | None = None, system: str | None = None, raw: bool = False,
-    messages: list[dict[str, Any]] | None = None,
-) -> Handle:
+    messages: list[dict[str, Any]] | None = None, tools: list[Tool] | None = None,
+    tool_choice: Any = None, think: bool | str | None = None,
+) -> tuple[Handle, OutputParser | None]:
     """Queue one generation: ``messages``, or a ``prompt`` (with ``system``) through the
     chat template unless ``raw``. Rendering, tokenizing and grammar compilation run in
-    a worker. Shared by /api/generate, /api/chat and the daemon's /daemon/generate."""
+    a worker. Returns the handle and, for chat, the parser that splits the output into
+    thinking, content and tool calls. Shared by /api/generate, /api/chat and the
+    daemon's /daemon/generate."""
     model = lease.model
     loop = asyncio.get_running_loop()
 
-    def prepare() -> Handle:
+    def prepare() -> tuple[Handle, OutputParser | None]:
         defaults = lease.defaults
+        parser = None
         if messages is None and raw:
             text, resolved = prompt or "", model.params(params, frontend, defaults=defaults)
         else:
@@ -89,32 +95,50 @@ async def start(
             if msgs is None:
                 msgs = ([{"role": "system", "content": system}] if system else [])
                 msgs.append({"role": "user", "content": prompt or ""})
-            text, resolved = model.chat_prompt(msgs, params, frontend, defaults=defaults)
+            setup = model.chat_setup(msgs, params, frontend, defaults=defaults, tools=tools,
+                                     tool_choice=tool_choice, think=think)
+            text, resolved, parser = setup.prompt, setup.params, setup.parser()
         (handle,) = lease.submit([(text, resolved)], loop)
-        return handle
+        return handle, parser
 
     return await work.cpu(prepare)
 
 
 async def respond(
     request: Request, lease: Lease, handle: Handle, stream: bool,
-    chunk_line: Any, final_line: Any, error_line: Any,
+    chunk_line: Any, final_line: Any, error_line: Any, parser: OutputParser | None = None,
 ) -> Any:
     """One generation as newline-delimited JSON (or one object when not streaming):
-    ``chunk_line(text)`` per piece, ``final_line(result)`` at the end, ``error_line(e)``
-    for an error after the headers went out."""
+    ``chunk_line(text, kind)`` per piece ("content" or "reasoning"), ``final_line(result,
+    whole, parsed)`` at the end (``parsed``: the parser's ParsedOutput, or None without a
+    parser; when streaming, a chunk with the tool calls comes first, from
+    ``final_line(..., calls_only=True)``), ``error_line(e)`` for an error after the
+    headers went out."""
     if not stream:
         result = await until_disconnected(request, handle.aresult())
-        return JSONResponse(final_line(result, whole=True))
+        parsed = None
+        if parser is not None:
+            parser.feed(result.text)
+            parsed, _ = parser.finish()
+        return JSONResponse(final_line(result, whole=True, parsed=parsed))
 
     async def body() -> AsyncIterator[bytes]:
         events = merge_streams([handle])
         try:
             async for _, ch, result in events:
                 if ch is not None and ch.text:
-                    yield _ndjson(chunk_line(ch.text))
+                    pieces = parser.feed(ch.text) if parser is not None else [("content", ch.text)]
+                    for kind, text in pieces:
+                        yield _ndjson(chunk_line(text, kind))
                 elif result is not None:
-                    yield _ndjson(final_line(result, whole=False))
+                    parsed = None
+                    if parser is not None:
+                        parsed, rest = parser.finish()
+                        for kind, text in rest:
+                            yield _ndjson(chunk_line(text, kind))
+                        if parsed.tool_calls:
+                            yield _ndjson(final_line(result, whole=False, parsed=parsed, calls_only=True))
+                    yield _ndjson(final_line(result, whole=False, parsed=parsed))
                 if await request.is_disconnected():
                     return
         except HearthError as e:
@@ -125,18 +149,73 @@ async def respond(
     return LeasedStream(lease, body(), media_type="application/x-ndjson")
 
 
-async def _run(request: Request, req: _OllamaRequest, lease: Lease, handle: Handle, piece: Any) -> Any:
-    """Ollama's lines: ``piece(text)`` is the per-chunk body (response or message)."""
+def _tool_calls(parsed: ParsedOutput) -> list[dict[str, Any]]:
+    return [{"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.arguments}}
+            for i, c in enumerate(parsed.tool_calls)]
+
+
+async def _run(request: Request, req: _OllamaRequest, lease: Lease, started: tuple[Handle, OutputParser | None],
+               piece: Any) -> Any:
+    """Ollama's lines: ``piece(text, kind, parsed)`` is the per-chunk body (response or message)."""
     name = req.model or lease.name
     load_s = lease.load_seconds
+    handle, parser = started
 
-    def final(result: GenerationResult, whole: bool) -> dict[str, Any]:
-        return {"model": name, "created_at": _now(), **piece(result.text if whole else ""),
-                **_final(name, result, load_s)}
+    def final(result: GenerationResult, whole: bool, parsed: ParsedOutput | None = None,
+              calls_only: bool = False) -> dict[str, Any]:
+        if calls_only:  # the stream's chunk that carries the calls, before the final one
+            return {"model": name, "created_at": _now(), **piece("", "content", parsed), "done": False}
+        if whole:
+            body = piece(parsed.content if parsed is not None else result.text, "content",
+                         parsed if parsed is not None else None)
+        else:
+            body = piece("", "content", None)
+        return {"model": name, "created_at": _now(), **body, **_final(name, result, load_s)}
 
     return await respond(request, lease, handle, req.stream,
-                         lambda text: {"model": name, "created_at": _now(), **piece(text), "done": False},
-                         final, lambda e: {"error": e.message})
+                         lambda text, kind: {"model": name, "created_at": _now(), **piece(text, kind, None),
+                                             "done": False},
+                         final, lambda e: {"error": e.message}, parser)
+
+
+def _generate_piece(text: str, kind: str, parsed: ParsedOutput | None) -> dict[str, Any]:
+    if parsed is not None and parsed.reasoning:
+        return {"response": text, "thinking": parsed.reasoning}
+    return {"thinking": text, "response": ""} if kind == "reasoning" else {"response": text}
+
+
+def _chat_piece(text: str, kind: str, parsed: ParsedOutput | None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": text}
+    if kind == "reasoning":
+        msg = {"role": "assistant", "content": "", "thinking": text}
+    if parsed is not None:
+        if parsed.reasoning:
+            msg["thinking"] = parsed.reasoning
+        if parsed.tool_calls:
+            msg["tool_calls"] = _tool_calls(parsed)
+    return {"message": msg}
+
+
+def _ollama_tools(req: OllamaChatRequest) -> tuple[list[Tool], Any, GenerationParams]:
+    """The tools, the tool choice (``options.tool_choice``: a hearth extension, since
+    Ollama's API has none) and the sampling options."""
+    options = dict(req.options or {})
+    raw_choice = options.pop("tool_choice", None)
+    tools = parse_tools(req.tools)
+    choice = parse_tool_choice(raw_choice, tools, "options.tool_choice")
+    return tools, choice, ollama_params(options, req.format)
+
+
+def _ollama_messages(req: OllamaChatRequest) -> list[dict[str, Any]]:
+    out = []
+    for i, m in enumerate(req.messages):
+        msg: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        if m.role == "tool" and m.tool_name:
+            msg["name"] = m.tool_name
+        out.append(msg)
+    return out
 
 
 @router.post("/generate")
@@ -149,8 +228,8 @@ async def generate(req: OllamaGenerateRequest, request: Request) -> Any:
         if not req.prompt and not req.system:  # Ollama: an empty prompt just loads (or unloads) the model
             return JSONResponse({"model": req.model or lease.name, "created_at": _now(), "response": "",
                                  "done": True, "done_reason": "unload" if lease.entry.keep_alive == 0 else "load"})
-        handle = await start(lease, params, prompt=req.prompt, system=req.system, raw=req.raw)
-        return await _run(request, req, lease, handle, lambda t: {"response": t})
+        started = await start(lease, params, prompt=req.prompt, system=req.system, raw=req.raw, think=req.think)
+        return await _run(request, req, lease, started, _generate_piece)
 
     return await _leased(request, req, handler)
 
@@ -159,18 +238,16 @@ async def generate(req: OllamaGenerateRequest, request: Request) -> Any:
 async def chat(req: OllamaChatRequest, request: Request) -> Any:
     if any(m.images for m in req.messages):
         raise BadRequest("images are not supported yet")
-    if req.tools:
-        raise BadRequest("tools are not supported yet")
-    params = req.to_params()
+    tools, choice, params = _ollama_tools(req)
 
     async def handler(lease: Lease) -> Any:
         if not req.messages:  # Ollama: no messages just loads (or unloads) the model
             return JSONResponse({"model": req.model or lease.name, "created_at": _now(),
                                  "message": {"role": "assistant", "content": ""}, "done": True,
                                  "done_reason": "unload" if lease.entry.keep_alive == 0 else "load"})
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        handle = await start(lease, params, messages=messages)
-        return await _run(request, req, lease, handle, lambda t: {"message": {"role": "assistant", "content": t}})
+        started = await start(lease, params, messages=_ollama_messages(req), tools=tools, tool_choice=choice,
+                              think=req.think)
+        return await _run(request, req, lease, started, _chat_piece)
 
     return await _leased(request, req, handler)
 

@@ -13,7 +13,9 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..api import ChatSetup
 from ..errors import BadRequest, HearthError
+from ..tools import ParsedOutput, Tool, ToolCall, ToolChoice, parse_tool_choice, parse_tools
 from ..types import GenerationParams, GenerationResult, Usage
 from . import work
 from .pool import Lease, LeasedStream, ModelPool, gather_results, merge_streams, until_disconnected, with_lease
@@ -109,41 +111,88 @@ async def get_model(model: str, request: Request) -> JSONResponse:
     return JSONResponse({"id": model, "object": "model", "created": _created(pool, target.key), "owned_by": "hearth"})
 
 
+def _chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    out = []
+    for m in req.messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+        if m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            msg["name"] = m.name
+        if m.reasoning_content:
+            msg["reasoning_content"] = m.reasoning_content
+        out.append(msg)
+    return out
+
+
+def _think(req: ChatCompletionRequest) -> bool | str | None:
+    kwargs = req.chat_template_kwargs or {}
+    if "enable_thinking" in kwargs:
+        return bool(kwargs["enable_thinking"])
+    return req.reasoning_effort
+
+
+def _tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": call.id, "type": "function",
+                           "function": {"name": call.name, "arguments": call.arguments_json}}
+    return {"index": index, **out} if index is not None else out
+
+
+def _message(parsed: ParsedOutput) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": parsed.content, "refusal": None}
+    if parsed.reasoning:
+        msg["reasoning_content"] = parsed.reasoning
+    if parsed.tool_calls:
+        msg["content"] = parsed.content or None
+        msg["tool_calls"] = [_tool_call_json(c) for c in parsed.tool_calls]
+    return msg
+
+
+def _finish(result: GenerationResult, parsed: ParsedOutput) -> str:
+    return "tool_calls" if parsed.tool_calls else _FINISH[result.finish_reason]
+
+
 @router.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in req.messages]
+    messages = _chat_messages(req)
     if req.logprobs:
         raise BadRequest("logprobs are not supported yet")
-    if req.tools:
-        raise BadRequest("tools are not supported yet")
+    tools = parse_tools(req.tools)
+    choice = parse_tool_choice(req.tool_choice, tools)
     params = req.to_params()
-    return await with_lease(_pool(request), req.model, lambda lease: _chat(req, request, lease, messages, params))
+    return await with_lease(_pool(request), req.model,
+                            lambda lease: _chat(req, request, lease, messages, params, tools, choice))
 
 
-async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease,
-                messages: list[dict[str, Any]], params: GenerationParams) -> Any:
+async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease, messages: list[dict[str, Any]],
+                params: GenerationParams, tools: list[Tool], choice: ToolChoice) -> Any:
     model = lease.model
     name = req.model or lease.name
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     loop = asyncio.get_running_loop()
 
-    def prepare() -> list[Any]:  # template, tokens, grammar: in a worker, not on the loop
-        text, resolved = model.chat_prompt(messages, params, "openai", defaults=lease.defaults)
-        return lease.submit([(text, p) for p in _per_choice(resolved, req.n)], loop)
+    def prepare() -> tuple[ChatSetup, list[Any]]:  # template, tokens, grammar: in a worker, not on the loop
+        setup = model.chat_setup(messages, params, "openai", defaults=lease.defaults, tools=tools,
+                                 tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls is not False,
+                                 think=_think(req))
+        return setup, lease.submit([(setup.prompt, p) for p in _per_choice(setup.params, req.n)], loop)
 
-    handles = await work.cpu(prepare)
+    setup, handles = await work.cpu(prepare)
 
     if not req.stream:
         results = await until_disconnected(request, gather_results(handles))
+        choices = []
+        for i, r in enumerate(results):
+            parser = setup.parser()
+            parser.feed(r.text)
+            parsed, _ = parser.finish()
+            choices.append({"index": i, "message": _message(parsed), "logprobs": None,
+                            "finish_reason": _finish(r, parsed)})
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": name,
-            "system_fingerprint": None,
-            "choices": [
-                {"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
-                 "logprobs": None, "finish_reason": _FINISH[r.finish_reason]}
-                for i, r in enumerate(results)
-            ],
-            "usage": _usage(results),
+            "system_fingerprint": None, "choices": choices, "usage": _usage(results),
         })
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -152,18 +201,30 @@ async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease,
     def chunk(choices: list[dict[str, Any]]) -> bytes:
         return _sse({**base, "choices": choices, **({"usage": None} if include_usage else {})})
 
+    def delta(i: int, d: dict[str, Any], finish: str | None = None) -> bytes:
+        return chunk([{"index": i, "delta": d, "logprobs": None, "finish_reason": finish}])
+
+    _KEY = {"content": "content", "reasoning": "reasoning_content"}
+
     async def events() -> AsyncIterator[bytes]:
         results: list[GenerationResult | None] = [None] * req.n
+        parsers = [setup.parser() for _ in range(req.n)]
         for i in range(req.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            yield delta(i, {"role": "assistant", "content": ""})
         stream = merge_streams(handles)
         try:
             async for i, ch, result in stream:
                 if ch is not None and ch.text:
-                    yield chunk([{"index": i, "delta": {"content": ch.text}, "logprobs": None, "finish_reason": None}])
+                    for kind, text in parsers[i].feed(ch.text):
+                        yield delta(i, {_KEY[kind]: text})
                 elif result is not None:
                     results[i] = result
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": _FINISH[result.finish_reason]}])
+                    parsed, rest = parsers[i].finish()
+                    for kind, text in rest:
+                        yield delta(i, {_KEY[kind]: text})
+                    for j, call in enumerate(parsed.tool_calls):
+                        yield delta(i, {"tool_calls": [_tool_call_json(call, j)]})
+                    yield delta(i, {}, _finish(result, parsed))
         finally:
             await stream.aclose()
         if include_usage:

@@ -46,6 +46,9 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[Union[TextPart, OtherPart]], None] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this answers
+    reasoning_content: str | None = None  # assistant: its thinking (llama-server's name)
 
 
 class StreamOptions(_Request):
@@ -141,7 +144,11 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None  # "none" | "minimal" | "low" | "medium" | "high"
+    chat_template_kwargs: dict[str, Any] | None = None  # llama-server: e.g. {"enable_thinking": false}
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -170,6 +177,9 @@ class OllamaMessage(_Request):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    thinking: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None  # tool: which tool answered
 
 
 # Ollama option -> GenerationParams field
@@ -221,6 +231,7 @@ class _OllamaRequest(_Request):
 
 
 class OllamaGenerateRequest(_OllamaRequest):
+    think: Union[bool, Literal["low", "medium", "high"], None] = None
     prompt: str = ""
     system: str | None = None
     raw: bool = False
@@ -230,7 +241,8 @@ class OllamaGenerateRequest(_OllamaRequest):
 
 class OllamaChatRequest(_OllamaRequest):
     messages: list[OllamaMessage] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
+    think: Union[bool, Literal["low", "medium", "high"], None] = None
 
 
 class OllamaShowRequest(_Request):

@@ -47,8 +47,14 @@ class LlamaCppEngine:
     def detokenize(self, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
-        text = self.template.render(messages, bos_token=self._bos_text, eos_token=self._eos_text)
+    @property
+    def chat_template(self) -> ChatTemplate:
+        return self.template
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> tuple[str, list[str]]:
+        text = self.template.render(messages, bos_token=self._bos_text, eos_token=self._eos_text,
+                                    tools=tools, extra=extra)
         return text, list(self.template.stop)
 
     # -- generation -----------------------------------------------------------------

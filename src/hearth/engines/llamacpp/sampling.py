@@ -15,6 +15,7 @@ greedy sampler does).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
@@ -115,7 +116,13 @@ class Sampler:
             check_grammar(grammar)
         if grammar:
             with _quiet_stderr():  # llama.cpp's grammar parser prints errors to fd 2
-                g = ll.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+                if p.grammar_triggers:  # lazy: free text until a trigger matches
+                    pats = [t.encode() for t in p.grammar_triggers]
+                    arr = (ctypes.c_char_p * len(pats))(*pats)
+                    g = ll.llama_sampler_init_grammar_lazy_patterns(
+                        model.vocab, grammar.encode(), b"root", arr, len(pats), None, 0)
+                else:
+                    g = ll.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
             if not g:
                 raise BadRequest("invalid grammar: llama.cpp could not parse it (see -v for details)")
             self._add(g)

@@ -1,0 +1,246 @@
+"""Tool calls and reasoning through the real server, driven by the official clients.
+
+SmolLM2 135M does not choose tools by itself, so nothing here depends on its judgement:
+calls are forced with ``tool_choice`` (required / a named function), and thinking is
+forced with a grammar. What is proven is the plumbing: the model's own template shows
+the tools, the grammar keeps the call valid, the output is read back into structured
+calls / reasoning, and the clients reassemble them. Test models are the embedded GGUF
+with other chat templates (``chat_templates.py``), written with the ``gguf`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+ollama = pytest.importorskip("ollama")
+jsonschema = pytest.importorskip("jsonschema")
+
+from chat_templates import QWEN3, QWEN25, R1  # noqa: E402
+from gguf_variants import with_metadata  # noqa: E402
+from hearth.server import create_app  # noqa: E402
+from test_server import _Server  # noqa: E402
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                # what real agents send: very long string bounds, enums, nested objects
+                "city": {"type": "string", "maxLength": 65536},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "when": {"type": "object", "properties": {"days_ahead": {"type": "integer", "minimum": 0}}},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current time in a timezone",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]},
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("templates")
+    return {name: with_metadata(smollm2_path, root / f"{name}.gguf", {"tokenizer.chat_template": t})
+            for name, t in (("qwen25", QWEN25), ("qwen3", QWEN3), ("r1", R1))}
+
+
+@pytest.fixture(scope="module")
+def server(variants: dict[str, Path], smollm2_path: Path) -> Iterator[_Server]:
+    names = ["qwen25", "qwen3", "r1", "smollm2"]
+    paths = [str(variants["qwen25"]), str(variants["qwen3"]), str(variants["r1"]), str(smollm2_path)]
+    env = {k: v for k, v in os.environ.items() if k.startswith("HEARTH_")}
+    for k in env:
+        os.environ.pop(k)
+    try:
+        app = create_app(paths, aliases=names, load_options={"n_ctx": 2048, "parallel": 2})
+        with _Server(app) as s:
+            yield s
+    finally:
+        os.environ.update(env)
+
+
+@pytest.fixture(scope="module")
+def client(server: _Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+def _valid(call, tool: dict) -> dict:
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, tool["function"]["parameters"])
+    return args
+
+
+# -- OpenAI: calls ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["qwen25", "smollm2"])  # the model's own format, and the generic one
+def test_required_tool_call_is_a_valid_structured_call(client: openai.OpenAI, model: str):
+    r = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                       parallel_tool_calls=False, temperature=0, max_tokens=120)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    _valid(call, WEATHER)
+    assert not choice.message.content
+
+
+def test_named_function_is_the_one_called(client: openai.OpenAI):
+    r = client.chat.completions.create(
+        model="qwen25", messages=ASK, tools=[WEATHER, TIME], parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, temperature=0, max_tokens=80)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_time"
+    _valid(call, TIME)
+
+
+def test_streamed_tool_call_is_reassembled_by_the_client(client: openai.OpenAI):
+    with client.chat.completions.stream(model="qwen25", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                        parallel_tool_calls=False, temperature=0, max_tokens=120) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    _valid(call, WEATHER)
+    # the same call as without streaming (greedy, same grammar)
+    whole = client.chat.completions.create(model="qwen25", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                           parallel_tool_calls=False, temperature=0, max_tokens=120)
+    assert json.loads(whole.choices[0].message.tool_calls[0].function.arguments) == json.loads(call.function.arguments)
+
+
+def test_tool_result_goes_back_through_the_template(client: openai.OpenAI, server: _Server):
+    first = client.chat.completions.create(model="qwen25", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                           parallel_tool_calls=False, temperature=0, max_tokens=120)
+    call = first.choices[0].message.tool_calls[0]
+
+    def follow_up(result: str):
+        messages = [*ASK, first.choices[0].message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": call.id, "content": result}]
+        return client.chat.completions.create(model="qwen25", messages=messages, tools=[WEATHER],
+                                              temperature=0, max_tokens=24)
+
+    short, long = "22 C", "22 C, sunny, with a light wind from the west and no rain expected today"
+    a, b = follow_up(short), follow_up(long)
+    assert a.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    model = next(e.model for e in server.app.state.pool.loaded() if e.model.name.startswith("qwen25"))
+    # the tool's answer is in the prompt: the prompts differ by exactly its extra tokens
+    extra = model.count_tokens(long) - model.count_tokens(short)
+    assert b.usage.prompt_tokens - a.usage.prompt_tokens == extra
+
+
+# -- OpenAI: bad input, each a 400 in OpenAI's shape -------------------------------------------------
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]},
+     "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "code_interpreter"}]}, "code_interpreter"),
+    ({"tools": [WEATHER, WEATHER]}, "two tools"),
+    ({"tool_choice": "required"}, "needs tools"),
+    ({"messages": [*ASK, {"role": "tool", "tool_call_id": "call_x", "content": "1"}]}, "call_x"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     "not supported"),
+])
+def test_bad_tool_requests_are_400s(server: _Server, body: dict, says: str):
+    r = httpx.post(f"{server.url}/v1/chat/completions",
+                   json={"model": "qwen25", "messages": ASK, "max_tokens": 4, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert says in err["message"] and err["type"] == "invalid_request_error"
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+# -- reasoning --------------------------------------------------------------------------------------
+
+# forces "<thinking words></think>\n\n<answer words>" out of the real model
+THINK_THEN_ANSWER = 'root ::= [a-z ]{3,40} "</think>\\n\\n" [A-Za-z ]{3,40}'
+
+
+def test_reasoning_is_split_from_content(client: openai.OpenAI):
+    r = client.chat.completions.create(model="r1", messages=ASK, temperature=0, max_tokens=60,
+                                       extra_body={"grammar": THINK_THEN_ANSWER})
+    msg = r.choices[0].message
+    reasoning = msg.model_extra.get("reasoning_content")
+    assert reasoning and "</think>" not in reasoning
+    assert msg.content and "think>" not in msg.content
+    # streamed: reasoning deltas, then content deltas, the same text
+    parts = {"reasoning_content": "", "content": ""}
+    for ev in client.chat.completions.create(model="r1", messages=ASK, temperature=0, max_tokens=60, stream=True,
+                                             extra_body={"grammar": THINK_THEN_ANSWER}):
+        if ev.choices:
+            d = ev.choices[0].delta
+            parts["content"] += d.content or ""
+            parts["reasoning_content"] += (d.model_extra or {}).get("reasoning_content") or ""
+    assert parts == {"reasoning_content": reasoning, "content": msg.content}
+
+
+def test_enable_thinking_reaches_the_template(client: openai.OpenAI, server: _Server):
+    def prompt_tokens(**extra):
+        return client.chat.completions.create(model="qwen3", messages=ASK, max_tokens=1, **extra).usage.prompt_tokens
+
+    default = prompt_tokens()
+    off = prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    effort_none = prompt_tokens(reasoning_effort="none")
+    model = next(e.model for e in server.app.state.pool.loaded() if e.model.name.startswith("qwen3"))
+    # Qwen3's template writes an empty thinking block when thinking is off
+    assert off - default == len(model.tokenize("<think>\n\n</think>\n\n", add_special=False))
+    assert effort_none == off
+
+
+# -- Ollama ----------------------------------------------------------------------------------------
+
+
+def test_ollama_client_tool_call_and_result(server: _Server):
+    c = ollama.Client(host=server.url)
+    r = c.chat(model="qwen25", messages=ASK, tools=[WEATHER],
+               options={"temperature": 0, "num_predict": 120, "tool_choice": "required"})
+    (call,) = r.message.tool_calls[:1]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(dict(call.function.arguments), WEATHER["function"]["parameters"])
+    # the result goes back as a tool message, as Ollama's clients send it
+    follow = c.chat(model="qwen25", messages=[*ASK, r.message, {"role": "tool", "content": "22 C",
+                                                                "tool_name": "get_weather"}],
+                    tools=[WEATHER], options={"temperature": 0, "num_predict": 8})
+    assert follow.done and follow.message.role == "assistant"
+    # streamed: the calls arrive in a chunk before the last
+    chunks = list(c.chat(model="qwen25", messages=ASK, tools=[WEATHER], stream=True,
+                         options={"temperature": 0, "num_predict": 120, "tool_choice": "required"}))
+    calls = [tc for ch in chunks for tc in (ch.message.tool_calls or [])]
+    assert calls and calls[0].function.name == "get_weather" and chunks[-1].done
+
+
+def test_ollama_thinking_goes_to_message_thinking(server: _Server):
+    c = ollama.Client(host=server.url)
+    opts = {"temperature": 0, "num_predict": 60}
+    full = c.chat(model="r1", messages=ASK, options=opts)
+    # R1's template opened the thinking block: what the model writes first is thinking
+    assert full.message.thinking and "think>" not in full.message.thinking
+    assert "think>" not in (full.message.content or "")
+    streamed = list(c.chat(model="r1", messages=ASK, options=opts, stream=True))
+    thinking = "".join(ch.message.thinking or "" for ch in streamed)
+    content = "".join(ch.message.content or "" for ch in streamed)
+    assert thinking == full.message.thinking and content == (full.message.content or "")
