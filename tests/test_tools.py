@@ -244,3 +244,92 @@ def test_ollama_thinking_goes_to_message_thinking(server: _Server):
     thinking = "".join(ch.message.thinking or "" for ch in streamed)
     content = "".join(ch.message.content or "" for ch in streamed)
     assert thinking == full.message.thinking and content == (full.message.content or "")
+
+
+# -- each format's grammar, on the real model -------------------------------------------------------
+
+
+def _smollm2(server: _Server):
+    return next(e.model for e in server.app.state.pool.loaded() if e.model.name.startswith("qwen25"))
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3", "mistral", "generic"])
+def test_each_formats_grammar_makes_calls_its_parser_reads(client: openai.OpenAI, server: _Server, fmt: str):
+    from hearth.tools import ChatFormat, OutputParser, ToolChoice, build_grammar, parse_tools
+
+    client.chat.completions.create(model="qwen25", messages=ASK, max_tokens=1)  # loaded
+    model = _smollm2(server)
+    tools = parse_tools([WEATHER, TIME])
+    f = ChatFormat(fmt)
+    for choice in (ToolChoice("required"), ToolChoice("function", "get_time")):
+        g = build_grammar(f, tools, choice, False)
+        r = model.generate_text("The weather in Paris, as a tool call:", grammar=g.grammar,
+                                grammar_triggers=g.triggers, temperature=0, max_tokens=150)
+        p = OutputParser(f, tools)
+        p.feed(r.text)
+        out, _ = p.finish()
+        assert len(out.tool_calls) == 1, r.text
+        call = out.tool_calls[0]
+        if choice.name:
+            assert call.name == choice.name
+        spec = WEATHER if call.name == "get_weather" else TIME
+        jsonschema.validate(call.arguments, spec["function"]["parameters"])
+
+
+FEW_SHOT = ('Q: weather in Rome?\nA: <tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", '
+            '"unit": "celsius"}}\n</tool_call>\nQ: say hello, then the weather in Oslo?\nA: Hello! <tool_call>\n'
+            '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>\n'
+            "Q: say hi, then the weather in Paris?\nA:")
+
+
+def test_auto_grammar_is_lazy_free_text_then_a_constrained_call(client: openai.OpenAI, server: _Server):
+    """``auto``: text before the call opener is free; from ``<tool_call>`` on the grammar
+    holds, and ends the answer with the call (the model alone would go on to the next Q)."""
+    from hearth.tools import ChatFormat, OutputParser, ToolChoice, build_grammar, parse_tools
+
+    client.chat.completions.create(model="qwen25", messages=ASK, max_tokens=1)
+    model = _smollm2(server)
+    tools = parse_tools([WEATHER])
+    g = build_grammar(ChatFormat("hermes"), tools, ToolChoice("auto"), False)
+    assert g.triggers
+    free = model.generate_text(FEW_SHOT, temperature=0, max_tokens=80, repeat_penalty=1.0)
+    assert "Q:" in free.text  # without the grammar, the model goes on
+    lazy = model.generate_text(FEW_SHOT, temperature=0, max_tokens=80, repeat_penalty=1.0,
+                               grammar=g.grammar, grammar_triggers=g.triggers)
+    assert lazy.finish_reason == "stop" and "Q:" not in lazy.text
+    p = OutputParser(ChatFormat("hermes"), tools)
+    p.feed(lazy.text)
+    out, _ = p.finish()
+    assert out.content.strip() and "<tool_call>" not in out.content  # the free text before the call
+    (call,) = out.tool_calls
+    jsonschema.validate(call.arguments, WEATHER["function"]["parameters"])
+
+
+# -- a whole agent loop with an agent framework ---------------------------------------------------
+
+
+def test_openai_agents_sdk_loop_calls_the_tool_and_answers(server: _Server):
+    agents = pytest.importorskip("agents")
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool
+
+    agents.set_tracing_disabled(True)
+    seen: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather for a city."""
+        seen.append(city)
+        return f"It is 22 C and sunny in {city}."
+
+    model = OpenAIChatCompletionsModel(
+        model="qwen25", openai_client=openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0))
+    # the first turn must call the tool (SmolLM2 would not choose to); the SDK then resets
+    # tool_choice to auto, so the second turn answers with the tool's result in the prompt
+    agent = Agent(name="weather", instructions="Answer with the weather tool.", tools=[get_weather], model=model,
+                  model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=96,
+                                               parallel_tool_calls=False))
+    result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
+    assert seen and all(isinstance(c, str) and c for c in seen)
+    kinds = [item.type for item in result.new_items]
+    assert "tool_call_item" in kinds and "tool_call_output_item" in kinds
+    assert kinds[-1] == "message_output_item" and isinstance(result.final_output, str) and result.final_output
