@@ -257,6 +257,8 @@ FRONTEND_DEFAULTS: dict[str, GenerationParams] = {
     # /v1/*: OpenAI's semantics (no penalty nobody asked for, no length cap on chat),
     # llama-server's sampling defaults, so the same request gives llama-server's answer
     "openai": GenerationParams(),
+    # /v1/messages: as /v1/chat/completions (llama-server's sampling; max_tokens is required there)
+    "anthropic": GenerationParams(),
     # /v1/completions: OpenAI's legacy default of 16 tokens
     "openai-completions": GenerationParams(max_tokens=16),
     # /api/*: Ollama's documented defaults (docs/modelfile.md)
@@ -349,6 +351,7 @@ class GenerationResult(_Text):
     timings: Timings
     token_ids: list[int] = field(default_factory=list)
     model: str = ""
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "text" and "text" in self.__dict__ and value != self.__dict__["text"]:

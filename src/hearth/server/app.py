@@ -38,10 +38,23 @@ def is_ollama(path: str) -> bool:
     return path.startswith("/api/")
 
 
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
 def error_body(path: str, status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """Ollama's ``{"error": msg}`` under /api/, OpenAI's error object elsewhere."""
+    """Ollama's ``{"error": msg}`` under /api/, Anthropic's under /v1/messages, OpenAI's
+    error object elsewhere."""
     if is_ollama(path):
         return {"error": message}
+    if is_anthropic(path):
+        kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
     return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
                       "param": param, "code": code}}
 
@@ -160,9 +173,11 @@ class GuardMiddleware:
         if self.api_key and path not in OPEN_PATHS:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-                await refuse(401, "missing or wrong API key (send Authorization: Bearer KEY)", "invalid_api_key",
-                             {"WWW-Authenticate": "Bearer"})
+            if scheme.lower() != "bearer":  # Anthropic's clients send x-api-key
+                token = headers.get("x-api-key", "")
+            if not token or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                await refuse(401, "missing or wrong API key (send Authorization: Bearer KEY, or x-api-key: KEY)",
+                             "invalid_api_key", {"WWW-Authenticate": "Bearer"})
                 return
         has_body = method not in ("GET", "HEAD", "OPTIONS")
         ctype = headers.get("content-type", "")
@@ -247,7 +262,7 @@ def create_app(
     the settings (HEARTH_ORIGINS, HEARTH_ALLOWED_HOSTS, HEARTH_MODELS_DIR)."""
     from ..config import load_config
     from .. import __version__
-    from . import metrics, ollama, openai
+    from . import anthropic, metrics, ollama, openai
 
     startup = list(models or [])
     names = list(aliases or [])
@@ -304,4 +319,5 @@ def create_app(
 
     app.include_router(openai.router)
     app.include_router(ollama.router)
+    app.include_router(anthropic.router)
     return app

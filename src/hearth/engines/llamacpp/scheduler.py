@@ -150,6 +150,7 @@ class _StopMatcher:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.held = ""
         self.text: list[str] = []
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, data: bytes, final: bool = False) -> tuple[str, bool]:
         """Returns (text safe to emit now, hit a stop string)."""
@@ -160,6 +161,7 @@ class _StopMatcher:
                 i = self.held.find(s)
                 if i != -1 and (cut == -1 or i < cut):
                     cut = i
+                    self.matched = s
             if cut != -1:
                 out = self.held[:cut]
                 self.held = ""
@@ -571,6 +573,7 @@ class Scheduler:
             timings=t,
             token_ids=list(s.generated),
             model=req.model_name,
+            stop_sequence=s.matcher.matched if s.matcher else None,
         )
         if error is not None:
             req.error = error
