@@ -308,9 +308,10 @@ def test_auto_grammar_is_lazy_free_text_then_a_constrained_call(client: openai.O
 # -- a whole agent loop with an agent framework ---------------------------------------------------
 
 
-def test_openai_agents_sdk_loop_calls_the_tool_and_answers(server: _Server):
+@pytest.mark.parametrize("api", ["chat_completions", "responses"])
+def test_openai_agents_sdk_loop_calls_the_tool_and_answers(server: _Server, api: str):
     agents = pytest.importorskip("agents")
-    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, OpenAIResponsesModel, Runner, function_tool
 
     agents.set_tracing_disabled(True)
     seen: list[str] = []
@@ -321,8 +322,9 @@ def test_openai_agents_sdk_loop_calls_the_tool_and_answers(server: _Server):
         seen.append(city)
         return f"It is 22 C and sunny in {city}."
 
-    model = OpenAIChatCompletionsModel(
-        model="qwen25", openai_client=openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0))
+    kind = OpenAIChatCompletionsModel if api == "chat_completions" else OpenAIResponsesModel
+    model = kind(model="qwen25",
+                 openai_client=openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0))
     # the first turn must call the tool (SmolLM2 would not choose to); the SDK then resets
     # tool_choice to auto, so the second turn answers with the tool's result in the prompt
     agent = Agent(name="weather", instructions="Answer with the weather tool.", tools=[get_weather], model=model,

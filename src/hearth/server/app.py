@@ -262,7 +262,7 @@ def create_app(
     the settings (HEARTH_ORIGINS, HEARTH_ALLOWED_HOSTS, HEARTH_MODELS_DIR)."""
     from ..config import load_config
     from .. import __version__
-    from . import anthropic, metrics, ollama, openai
+    from . import anthropic, metrics, ollama, openai, responses
 
     startup = list(models or [])
     names = list(aliases or [])
@@ -320,4 +320,5 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
+    app.include_router(responses.router)
     return app
