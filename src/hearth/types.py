@@ -62,11 +62,12 @@ class _Unset:
 UNSET: Any = _Unset()
 
 # for these, None is a value: no limit, a random seed, no grammar
-_NONE_MEANS_SOMETHING = frozenset({"max_tokens", "seed", "grammar", "json_schema"})
+_NONE_MEANS_SOMETHING = frozenset({"max_tokens", "seed", "grammar", "json_schema", "logprobs"})
 
 # bounds that keep a request's cost in check before it reaches llama.cpp
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1024
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 INT32_MAX = 2**31 - 1
 
 
@@ -99,6 +100,9 @@ class GenerationParams:
     # patterns: the whole output so far must match; group 1 starts the constrained part)
     # first matches. Set by hearth for tool calls, not taken from clients.
     grammar_triggers: list[str] = UNSET
+    # log probabilities of the generated tokens, with this many most likely alternatives
+    # each (0..MAX_TOP_LOGPROBS); None: not computed (the default, and the fast path)
+    logprobs: int | None = UNSET
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -191,6 +195,8 @@ class GenerationParams:
         num("presence_penalty", -2.0, 2.0)
         num("frequency_penalty", -2.0, 2.0)
         integer("repeat_last_n", -1)
+        if self.logprobs is not None:
+            integer("logprobs", 0, MAX_TOP_LOGPROBS)
         if self.seed is not UNSET and self.seed is not None:
             if isinstance(self.seed, float) and self.seed.is_integer():
                 self.seed = int(self.seed)
@@ -245,7 +251,7 @@ class GenerationParams:
 ENGINE_DEFAULTS = GenerationParams(
     max_tokens=None, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
     presence_penalty=0.0, frequency_penalty=0.0, repeat_last_n=64, seed=None, stop=[],
-    logit_bias={}, grammar=None, json_schema=None, ignore_eos=False, grammar_triggers=[],
+    logit_bias={}, grammar=None, json_schema=None, ignore_eos=False, grammar_triggers=[], logprobs=None,
 )
 
 FRONTEND_DEFAULTS: dict[str, GenerationParams] = {
@@ -337,6 +343,9 @@ class GenerationChunk(_Text):
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # with GenerationParams.logprobs: one entry per token in token_ids, each
+    # {"id", "token", "bytes", "logprob", "top_logprobs": [{"id", "token", "bytes", "logprob"}]}
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(eq=False, repr=False)
@@ -352,6 +361,7 @@ class GenerationResult(_Text):
     token_ids: list[int] = field(default_factory=list)
     model: str = ""
     stop_sequence: str | None = None  # the stop string that ended it, if one did
+    logprobs: list[dict[str, Any]] | None = None  # with GenerationParams.logprobs: one entry per token
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "text" and "text" in self.__dict__ and value != self.__dict__["text"]:

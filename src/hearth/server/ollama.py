@@ -122,23 +122,33 @@ async def respond(
             parsed, _ = parser.finish()
         return JSONResponse(final_line(result, whole=True, parsed=parsed))
 
+    pending: list[dict[str, Any]] = []  # logprobs of tokens whose text is not out yet
+
+    def line(obj: dict[str, Any]) -> bytes:
+        if pending:
+            obj["logprobs"] = ollama_logprobs(pending)
+            pending.clear()
+        return _ndjson(obj)
+
     async def body() -> AsyncIterator[bytes]:
         events = merge_streams([handle])
         try:
             async for _, ch, result in events:
                 if ch is not None and ch.text:
+                    if ch.logprobs:
+                        pending.extend(ch.logprobs)
                     pieces = parser.feed(ch.text) if parser is not None else [("content", ch.text)]
                     for kind, text in pieces:
-                        yield _ndjson(chunk_line(text, kind))
+                        yield line(chunk_line(text, kind))
                 elif result is not None:
                     parsed = None
                     if parser is not None:
                         parsed, rest = parser.finish()
                         for kind, text in rest:
-                            yield _ndjson(chunk_line(text, kind))
+                            yield line(chunk_line(text, kind))
                         if parsed.tool_calls:
-                            yield _ndjson(final_line(result, whole=False, parsed=parsed, calls_only=True))
-                    yield _ndjson(final_line(result, whole=False, parsed=parsed))
+                            yield line(final_line(result, whole=False, parsed=parsed, calls_only=True))
+                    yield line(final_line(result, whole=False, parsed=parsed))
                 if await request.is_disconnected():
                     return
         except HearthError as e:
@@ -147,6 +157,13 @@ async def respond(
             await events.aclose()
 
     return LeasedStream(lease, body(), media_type="application/x-ndjson")
+
+
+def ollama_logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def one(e: dict[str, Any]) -> dict[str, Any]:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
+
+    return [{**one(e), "top_logprobs": [one(t) for t in e["top_logprobs"]]} for e in entries]
 
 
 def _tool_calls(parsed: ParsedOutput) -> list[dict[str, Any]]:
@@ -170,6 +187,8 @@ async def _run(request: Request, req: _OllamaRequest, lease: Lease, started: tup
                          parsed if parsed is not None else None)
         else:
             body = piece("", "content", None)
+        if whole and result.logprobs is not None:
+            body["logprobs"] = ollama_logprobs(result.logprobs)
         return {"model": name, "created_at": _now(), **body, **_final(name, result, load_s)}
 
     return await respond(request, lease, handle, req.stream,
@@ -203,7 +222,7 @@ def _ollama_tools(req: OllamaChatRequest) -> tuple[list[Tool], Any, GenerationPa
     raw_choice = options.pop("tool_choice", None)
     tools = parse_tools(req.tools)
     choice = parse_tool_choice(raw_choice, tools, "options.tool_choice")
-    return tools, choice, ollama_params(options, req.format)
+    return tools, choice, ollama_params(options, req.format, req.n_logprobs())
 
 
 def _ollama_messages(req: OllamaChatRequest) -> list[dict[str, Any]]:

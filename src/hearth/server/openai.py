@@ -150,6 +150,31 @@ def _message(parsed: ParsedOutput) -> dict[str, Any]:
     return msg
 
 
+def _chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+    if entries is None:
+        return None
+
+    def one(e: dict[str, Any]) -> dict[str, Any]:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
+
+    return {"content": [{**one(e), "top_logprobs": [one(t) for t in e["top_logprobs"]]} for e in entries],
+            "refusal": None}
+
+
+def _completion_logprobs(entries: list[dict[str, Any]] | None, offset: int) -> dict[str, Any] | None:
+    """The legacy completions shape: parallel lists, and text offsets from ``offset``."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
 def _finish(result: GenerationResult, parsed: ParsedOutput) -> str:
     return "tool_calls" if parsed.tool_calls else _FINISH[result.finish_reason]
 
@@ -157,8 +182,6 @@ def _finish(result: GenerationResult, parsed: ParsedOutput) -> str:
 @router.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     messages = _chat_messages(req)
-    if req.logprobs:
-        raise BadRequest("logprobs are not supported yet")
     tools = parse_tools(req.tools)
     choice = parse_tool_choice(req.tool_choice, tools)
     params = req.to_params()
@@ -188,7 +211,7 @@ async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease, mess
             parser = setup.parser()
             parser.feed(r.text)
             parsed, _ = parser.finish()
-            choices.append({"index": i, "message": _message(parsed), "logprobs": None,
+            choices.append({"index": i, "message": _message(parsed), "logprobs": _chat_logprobs(r.logprobs),
                             "finish_reason": _finish(r, parsed)})
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": name,
@@ -201,8 +224,14 @@ async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease, mess
     def chunk(choices: list[dict[str, Any]]) -> bytes:
         return _sse({**base, "choices": choices, **({"usage": None} if include_usage else {})})
 
+    want_logprobs = setup.params.logprobs is not None
+    pending: list[list[dict[str, Any]]] = [[] for _ in range(req.n)]  # logprobs not yet sent, per choice
+
     def delta(i: int, d: dict[str, Any], finish: str | None = None) -> bytes:
-        return chunk([{"index": i, "delta": d, "logprobs": None, "finish_reason": finish}])
+        lp = None
+        if want_logprobs and ("content" in d or finish is not None):
+            lp, pending[i] = _chat_logprobs(pending[i]), []
+        return chunk([{"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}])
 
     _KEY = {"content": "content", "reasoning": "reasoning_content"}
 
@@ -215,6 +244,8 @@ async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease, mess
         try:
             async for i, ch, result in stream:
                 if ch is not None and ch.text:
+                    if ch.logprobs:
+                        pending[i].extend(ch.logprobs)
                     for kind, text in parsers[i].feed(ch.text):
                         yield delta(i, {_KEY[kind]: text})
                 elif result is not None:
@@ -245,8 +276,6 @@ def _prompts(p: str | list[str] | list[int] | list[list[int]]) -> list[str | lis
 
 @router.post("/completions")
 async def completions(req: CompletionRequest, request: Request) -> Any:
-    if req.logprobs:
-        raise BadRequest("logprobs are not supported yet")
     if req.suffix:
         raise BadRequest("suffix (fill-in-the-middle) is not supported yet")
     prompts = _prompts(req.prompt)
@@ -278,7 +307,9 @@ async def _complete(req: CompletionRequest, request: Request, lease: Lease,
             "id": cid, "object": "text_completion", "created": created, "model": name,
             "system_fingerprint": None,
             "choices": [
-                {"index": i, "text": echo[i // req.n] + r.text, "logprobs": None, "finish_reason": _FINISH[r.finish_reason]}
+                {"index": i, "text": echo[i // req.n] + r.text,
+                 "logprobs": _completion_logprobs(r.logprobs, len(echo[i // req.n])),
+                 "finish_reason": _FINISH[r.finish_reason]}
                 for i, r in enumerate(results)
             ],
             "usage": {**_usage(results), "prompt_tokens": sum(r.usage.prompt_tokens for r in results[:: req.n])},
@@ -287,8 +318,13 @@ async def _complete(req: CompletionRequest, request: Request, lease: Lease,
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     base = {"id": cid, "object": "text_completion", "created": created, "model": name, "system_fingerprint": None}
 
-    def chunk(i: int, text: str, finish: str | None) -> bytes:
-        return _sse({**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}],
+    offsets = [len(echo[i // req.n]) for i in range(len(handles))]  # text offsets of the next logprobs
+
+    def chunk(i: int, text: str, finish: str | None, lps: list[dict[str, Any]] | None = None) -> bytes:
+        lp = _completion_logprobs(lps, offsets[i]) if lps else None
+        if lps:
+            offsets[i] += sum(len(e["token"]) for e in lps)
+        return _sse({**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}],
                      **({"usage": None} if include_usage else {})})
 
     async def events() -> AsyncIterator[bytes]:
@@ -300,7 +336,7 @@ async def _complete(req: CompletionRequest, request: Request, lease: Lease,
         try:
             async for i, ch, result in stream:
                 if ch is not None and ch.text:
-                    yield chunk(i, ch.text, None)
+                    yield chunk(i, ch.text, None, ch.logprobs)
                 elif result is not None:
                     results.append(result)
                     yield chunk(i, "", _FINISH[result.finish_reason])

@@ -123,6 +123,9 @@ class _Sampling(_Request):
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def _logprobs(self) -> int | None:
+        return None
+
     def to_params(self) -> GenerationParams:
         kw: dict[str, Any] = {k: getattr(self, k) for k in _OPENAI_SAME if getattr(self, k) is not None}
         if self.logit_bias:
@@ -130,6 +133,9 @@ class _Sampling(_Request):
         fmt = getattr(self, "response_format", None)
         if fmt is not None:
             kw.update(_response_format(fmt))
+        n_top = self._logprobs()
+        if n_top is not None:
+            kw["logprobs"] = n_top
         max_tokens = self._max_tokens()
         if max_tokens is None and self.n_predict is not None:
             max_tokens = None if self.n_predict < 0 else self.n_predict
@@ -144,6 +150,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: bool | None = None
@@ -153,13 +160,21 @@ class ChatCompletionRequest(_Sampling):
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def _logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     response_format: ResponseFormat | None = None  # not OpenAI's, but llama.cpp's
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class EmbeddingRequest(_Request):
@@ -194,9 +209,9 @@ _OLLAMA_IGNORED = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", 
                    "mirostat_tau", "mirostat_eta", "tfs_z", "vocab_only", "f16_kv", "logits_all"}
 
 
-def ollama_params(options: dict[str, Any] | None, fmt: Any = None) -> GenerationParams:
+def ollama_params(options: dict[str, Any] | None, fmt: Any = None, logprobs: int | None = None) -> GenerationParams:
     """Ollama's ``options`` and ``format`` -> GenerationParams (only what was given)."""
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {} if logprobs is None else {"logprobs": logprobs}
     for k, v in (options or {}).items():
         if k == "num_predict":
             if isinstance(v, float) and math.isfinite(v) and v.is_integer():
@@ -225,9 +240,14 @@ class _OllamaRequest(_Request):
     format: Union[Literal["", "json"], dict[str, Any], None] = None
     options: dict[str, Any] | None = None
     keep_alive: Union[str, int, float, None] = None  # "5m", seconds; 0 unload after, <0 forever
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def n_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def to_params(self) -> GenerationParams:
-        return ollama_params(self.options, self.format)
+        return ollama_params(self.options, self.format, self.n_logprobs())
 
 
 class OllamaGenerateRequest(_OllamaRequest):

@@ -15,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import math
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import llama_cpp as ll
+import numpy as np
 
 from ...errors import Busy, Cancelled, ContextOverflow, EngineError, HearthError
 from ...types import FinishReason, GenerationChunk, GenerationParams, GenerationResult, Timings, Usage
@@ -195,6 +197,7 @@ class _Slot:
         self.todo: list[int] = []  # prompt tokens still to decode
         self.n_past = 0
         self.generated: list[int] = []
+        self.logprobs: list[dict[str, Any]] = []  # one per generated token, when asked for
         self.next_token: int | None = None
         self.batch_index = -1
         self.matcher: _StopMatcher | None = None
@@ -478,6 +481,7 @@ class Scheduler:
             self._finish(s, "cancelled", None)
             return
         token = s.sampler.sample(self.model.ctx, idx)
+        lp = self._logprob(idx, token, req.params.logprobs) if req.params.logprobs is not None else None
         if not s.generated:
             s.t_first = now
         eog = self._eog.get(token)
@@ -492,28 +496,53 @@ class Scheduler:
             return
         s.generated.append(token)
         s.next_token = token
+        lps = None
+        if lp is not None:
+            s.logprobs.append(lp)
+            lps = [lp]
         text, stopped = s.matcher.feed(self.model.token_bytes(token))
         if stopped:
             if text:
-                self._emit(req, text, [token])
+                self._emit(req, text, [token], lps)
             s.next_token = None
             self._finish(s, "stop", None)
             return
         if len(s.generated) >= s.limit:
             tail, stopped = s.matcher.feed(b"", final=True)
             if text + tail:
-                self._emit(req, text + tail, [token])
+                self._emit(req, text + tail, [token], lps)
             s.next_token = None
             self._finish(s, "length", None)
             return
-        self._emit(req, text, [token])
+        self._emit(req, text, [token], lps)
+
+    def _logprob(self, idx: int, token: int, top: int) -> dict[str, Any]:
+        """The sampled token's log probability under the model (log-softmax of the raw
+        logits, as llama-server reports them) and the ``top`` most likely tokens."""
+        n_vocab = self.model.n_vocab
+        row = np.ctypeslib.as_array(ll.llama_get_logits_ith(self.model.ctx, idx), shape=(n_vocab,))
+        peak = float(row.max())
+        lse = peak + math.log(float(np.exp(row - peak, dtype=np.float64).sum()))
+
+        def entry(t: int) -> dict[str, Any]:
+            b = self.model.token_bytes(t)
+            return {"id": t, "token": b.decode("utf-8", "replace"), "bytes": list(b),
+                    "logprob": float(row[t]) - lse}
+
+        out = entry(token)
+        alts: list[dict[str, Any]] = []
+        if top > 0:
+            best = np.argpartition(row, -top)[-top:]
+            alts = [entry(int(t)) for t in best[np.argsort(-row[best], kind="stable")]]
+        out["top_logprobs"] = alts
+        return out
 
     @staticmethod
-    def _emit(req: Request, text: str, tokens: list[int]) -> None:
+    def _emit(req: Request, text: str, tokens: list[int], logprobs: list[dict[str, Any]] | None = None) -> None:
         # A non-streaming caller waits for the result alone: waking it per token
         # would steal a core from llama.cpp's threads.
         if req.stream:
-            req.put(GenerationChunk(text, tokens))
+            req.put(GenerationChunk(text, tokens, logprobs=logprobs))
 
     def _decode_failed(self, ret: int, active: list[_Slot], prefilled: bool) -> None:
         if ret == 1 and prefilled and any(s.next_token is not None for s in active):
@@ -574,6 +603,7 @@ class Scheduler:
             token_ids=list(s.generated),
             model=req.model_name,
             stop_sequence=s.matcher.matched if s.matcher else None,
+            logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
         )
         if error is not None:
             req.error = error
