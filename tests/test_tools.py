@@ -335,3 +335,27 @@ def test_openai_agents_sdk_loop_calls_the_tool_and_answers(server: _Server, api:
     kinds = [item.type for item in result.new_items]
     assert "tool_call_item" in kinds and "tool_call_output_item" in kinds
     assert kinds[-1] == "message_output_item" and isinstance(result.final_output, str) and result.final_output
+
+
+# -- the library ------------------------------------------------------------------------------------
+
+
+def test_library_chat_with_tools_and_thinking(variants: dict[str, Path]):
+    import hearth
+
+    with hearth.load_model(variants["qwen25"], n_ctx=1024, parallel=1) as m:
+        r = m.generate_chat(ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+                            temperature=0, max_tokens=120)
+        (call,) = r.tool_calls
+        assert call.name == "get_weather" and r == ""
+        jsonschema.validate(call.arguments, WEATHER["function"]["parameters"])
+        assert r.to_dict()["tool_calls"][0]["arguments"] == call.arguments
+    with hearth.load_model(variants["r1"], n_ctx=1024, parallel=1) as m:
+        kw = dict(temperature=0, max_tokens=60, grammar=THINK_THEN_ANSWER)
+        r = m.generate_chat(ASK, **kw)
+        assert r.reasoning and r.text and "think>" not in r.text + r.reasoning
+        chunks = list(m.stream_chat(ASK, **kw))
+        assert "".join(c for c in chunks if c.kind == "reasoning") == r.reasoning
+        assert "".join(c for c in chunks if c.kind == "content") == r.text
+        kinds = [c.kind for c in chunks]
+        assert kinds == sorted(kinds, key=lambda k: k != "reasoning")  # thinking first, then the answer

@@ -10,7 +10,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from .config import LOAD_SETTINGS, load_config
@@ -23,6 +23,7 @@ from .store import ResolvedModel, resolve_model
 from .tools import (
     ChatFormat,
     OutputParser,
+    ParsedOutput,
     Tool,
     ToolChoice,
     build_grammar,
@@ -59,6 +60,23 @@ class ChatSetup:
 
     def parser(self) -> OutputParser:
         return OutputParser(self.format, self.tools, parse_calls=bool(self.tools), in_thinking=self.in_thinking)
+
+
+def _with_parse(result: GenerationResult | None, parsed: ParsedOutput) -> GenerationResult | None:
+    if result is None:
+        return None
+    if not parsed.reasoning and not parsed.tool_calls and parsed.content == result.text:
+        return result
+    return replace(result, text=parsed.content, reasoning=parsed.reasoning, tool_calls=list(parsed.tool_calls))
+
+
+def _read(result: GenerationResult, parser: OutputParser) -> GenerationResult:
+    """A chat result with the model's thinking and tool calls split off its text."""
+    if parser.passthrough:
+        return result
+    parser.feed(result.text)
+    parsed, _ = parser.finish()
+    return _with_parse(result, parsed)  # type: ignore[return-value]
 
 
 def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -251,18 +269,44 @@ class Model:
     def generate_text(self, prompt: str | list[int], params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
         return self.submit(prompt, params, stream=False, **kw).result()
 
+    # Chat calls take, besides the sampling settings, ``tools`` (OpenAI's shape),
+    # ``tool_choice``, ``parallel_tool_calls`` and ``think`` (see ``chat_setup``). The
+    # result's text is the answer; a thinking model's thinking is in ``.reasoning`` (and
+    # streamed as chunks of kind "reasoning"), tool calls in ``.tool_calls``.
+
+    def _setup(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None,
+               kw: dict[str, Any]) -> ChatSetup:
+        return self.chat_setup(messages, params, **kw)
+
     def stream_chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None = None, **kw: Any) -> Iterator[GenerationChunk]:
-        text, resolved = self.chat_prompt(messages, params, **kw)
-        return self._stream(self.submit(text, resolved))
+        setup = self._setup(messages, params, kw)
+        return self._stream_read(self.submit(setup.prompt, setup.params), setup.parser())
 
     def generate_chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
-        text, resolved = self.chat_prompt(messages, params, **kw)
-        return self.submit(text, resolved, stream=False).result()
+        setup = self._setup(messages, params, kw)
+        return _read(self.submit(setup.prompt, setup.params, stream=False).result(), setup.parser())
 
     @staticmethod
     def _stream(handle: Handle) -> Iterator[GenerationChunk]:
         yield from handle
         return handle.result_now  # the generator's return value: the GenerationResult
+
+    @staticmethod
+    def _stream_read(handle: Handle, parser: OutputParser) -> Iterator[GenerationChunk]:
+        if parser.passthrough:
+            yield from handle
+            return handle.result_now
+        ids: list[int] = []
+        for chunk in handle:
+            ids.extend(chunk.token_ids)
+            for kind, text in parser.feed(chunk.text):
+                yield GenerationChunk(text, ids, kind=kind)
+                ids = []
+        parsed, rest = parser.finish()
+        for kind, text in rest:
+            yield GenerationChunk(text, ids, kind=kind)
+            ids = []
+        return _with_parse(handle.result_now, parsed)
 
     # -- asyncio ------------------------------------------------------------------
     # Submitting (tokenizing, compiling a grammar) runs in a worker thread, so the event
@@ -273,16 +317,17 @@ class Model:
         loop = asyncio.get_running_loop()
         return await asyncio.to_thread(self.engine.submit, prompt, params, stream, loop=loop)
 
-    async def _achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None, kw: Any) -> tuple[str, GenerationParams]:
-        return await asyncio.to_thread(lambda: self.chat_prompt(messages, params, **kw))
+    async def _achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None, kw: Any) -> ChatSetup:
+        return await asyncio.to_thread(lambda: self._setup(messages, params, kw))
 
     async def agenerate_text(self, prompt: str | list[int], params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
         handle = await self._asubmit(prompt, self.params(params, **kw), stream=False)
         return await handle.aresult()
 
     async def agenerate_chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
-        text, resolved = await self._achat(messages, params, kw)
-        return await (await self._asubmit(text, resolved, stream=False)).aresult()
+        setup = await self._achat(messages, params, kw)
+        result = await (await self._asubmit(setup.prompt, setup.params, stream=False)).aresult()
+        return _read(result, setup.parser())
 
     async def astream_text(self, prompt: str | list[int], params: GenerationParams | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
         handle = await self._asubmit(prompt, self.params(params, **kw), stream=True)
@@ -290,10 +335,17 @@ class Model:
             yield chunk
 
     async def astream_chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams | None = None, **kw: Any) -> AsyncIterator[GenerationChunk]:
-        text, resolved = await self._achat(messages, params, kw)
-        handle = await self._asubmit(text, resolved, stream=True)
+        setup = await self._achat(messages, params, kw)
+        handle = await self._asubmit(setup.prompt, setup.params, stream=True)
+        parser = setup.parser()
         async for chunk in handle:
-            yield chunk
+            if parser.passthrough:
+                yield chunk
+                continue
+            for kind, text in parser.feed(chunk.text):
+                yield GenerationChunk(text, chunk.token_ids, kind=kind)
+        for kind, text in parser.finish()[1]:
+            yield GenerationChunk(text, [], kind=kind)
 
     # -- embeddings -----------------------------------------------------------------
 

@@ -343,6 +343,7 @@ class GenerationChunk(_Text):
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    kind: str = "content"  # "content", or "reasoning" (a chat model's thinking)
     # with GenerationParams.logprobs: one entry per token in token_ids, each
     # {"id", "token", "bytes", "logprob", "top_logprobs": [{"id", "token", "bytes", "logprob"}]}
     logprobs: list[dict[str, Any]] | None = None
@@ -362,6 +363,9 @@ class GenerationResult(_Text):
     model: str = ""
     stop_sequence: str | None = None  # the stop string that ended it, if one did
     logprobs: list[dict[str, Any]] | None = None  # with GenerationParams.logprobs: one entry per token
+    # chat: the model's thinking, split off the text; the tool calls it made (tools.ToolCall)
+    reasoning: str = ""
+    tool_calls: list[Any] = field(default_factory=list)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "text" and "text" in self.__dict__ and value != self.__dict__["text"]:
@@ -376,6 +380,9 @@ class GenerationResult(_Text):
             "finish_reason": self.finish_reason,
             "usage": self.usage.to_dict(),
             "timings": self.timings.to_dict(),
+            **({"reasoning": self.reasoning} if self.reasoning else {}),
+            **({"tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls]}
+               if self.tool_calls else {}),
         }
 
 
