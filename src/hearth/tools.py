@@ -360,6 +360,9 @@ class OutputParser:
         self.pending = ""
         self.out = ParsedOutput()
         self._thought = False  # one thinking block, at the start
+        self._buffer: list[str] = []  # the calls / JSON answer, from the opener on
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
 
     # streaming
     @property
@@ -371,6 +374,9 @@ class OutputParser:
         events: list[tuple[str, str]] = []
         if self.passthrough:
             self._emit(events, "content", text)
+            return events
+        if self.state in ("calls", "json"):  # buffered until the end (a list: no quadratic copying)
+            self._buffer.append(text)
             return events
         self.pending += text
         while True:
@@ -441,9 +447,9 @@ class OutputParser:
         if not text:
             return
         if kind == "content":
-            self.out.content += text
+            self._content.append(text)
         else:
-            self.out.reasoning += text
+            self._reasoning.append(text)
         events.append((kind, text))
 
     def finish(self) -> tuple[ParsedOutput, list[tuple[str, str]]]:
@@ -451,7 +457,8 @@ class OutputParser:
         ``response``). Calls whose arguments do not fit their schema are not calls:
         their text stays content."""
         events: list[tuple[str, str]] = []
-        rest = self.pending
+        rest = self.pending + "".join(self._buffer)
+        self._buffer.clear()
         self.pending = ""
         if self.state == "think":
             self._emit(events, "reasoning", rest)
@@ -466,6 +473,8 @@ class OutputParser:
             self._emit(events, "content", rest)
         else:  # "start": only whitespace, or an unfinished thinking opener
             self._emit(events, "content", rest if rest.strip() else "")
+        self.out.content = "".join(self._content)
+        self.out.reasoning = "".join(self._reasoning)
         return self.out, events
 
     # the formats
