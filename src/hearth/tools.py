@@ -323,7 +323,11 @@ def build_grammar(fmt: ChatFormat, tools: Sequence[Tool], choice: ToolChoice, pa
 
 
 def _check(grammar: str) -> str:
-    check_grammar(grammar)
+    try:
+        check_grammar(grammar)
+    except BadRequest as e:
+        raise BadRequest(f"the tools' schemas are too large to enforce ({e.message}); "
+                         "send fewer or smaller tools") from None
     return grammar
 
 
