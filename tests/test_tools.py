@@ -359,3 +359,11 @@ def test_library_chat_with_tools_and_thinking(variants: dict[str, Path]):
         assert "".join(c for c in chunks if c.kind == "content") == r.text
         kinds = [c.kind for c in chunks]
         assert kinds == sorted(kinds, key=lambda k: k != "reasoning")  # thinking first, then the answer
+
+
+def test_ollama_show_lists_tools_and_thinking_capabilities(server: _Server):
+    c = ollama.Client(host=server.url)
+    assert "tools" in c.show("qwen25").capabilities and "thinking" not in c.show("qwen25").capabilities
+    assert {"tools", "thinking"} <= set(c.show("qwen3").capabilities)
+    assert "thinking" in c.show("r1").capabilities and "tools" not in c.show("r1").capabilities
+    assert c.show("smollm2").capabilities == ["completion"]

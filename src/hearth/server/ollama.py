@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..engines.base import Handle
 from ..errors import BadRequest, Cancelled, HearthError, ModelNotFound
 from ..gguf import ModelInfo, inspect_model
-from ..tools import OutputParser, ParsedOutput, Tool, parse_tool_choice, parse_tools
+from ..chat import template_for
+from ..tools import OutputParser, ParsedOutput, Tool, detect_format, parse_tool_choice, parse_tools
 from ..types import GenerationParams, GenerationResult
 from . import work
 from .pool import Lease, LeasedStream, ModelPool, merge_streams, until_disconnected, with_lease
@@ -379,6 +380,20 @@ async def tags(request: Request) -> JSONResponse:
     return JSONResponse({"models": out})
 
 
+def capabilities(info: ModelInfo) -> list[str]:
+    """What Ollama's clients look for before they send tools or ``think``: "tools" when
+    the model's own template shows tools (hearth serves tools to any model, through the
+    generic JSON format, but only these were made for them), "thinking" when it knows
+    ``<think>``."""
+    caps = ["completion"]
+    template = template_for(info.chat_template, info.architecture)
+    if template.kind == "model" and template.renders_tools:
+        caps.append("tools")
+    if template.kind == "model" and detect_format(template.source).think:
+        caps.append("thinking")
+    return caps
+
+
 @router.post("/show")
 async def show(req: OllamaShowRequest, request: Request) -> JSONResponse:
     info = await _info(_pool(request), req.model or req.name)
@@ -396,7 +411,7 @@ async def show(req: OllamaShowRequest, request: Request) -> JSONResponse:
             f"{info.architecture}.attention.head_count": info.head_count,
             f"{info.architecture}.attention.head_count_kv": info.head_count_kv,
         },
-        "capabilities": ["completion"],
+        "capabilities": await work.cpu(capabilities, info),
         "modified_at": await work.disk(_modified, info),
     })
 
