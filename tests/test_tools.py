@@ -367,3 +367,12 @@ def test_ollama_show_lists_tools_and_thinking_capabilities(server: _Server):
     assert {"tools", "thinking"} <= set(c.show("qwen3").capabilities)
     assert "thinking" in c.show("r1").capabilities and "tools" not in c.show("r1").capabilities
     assert c.show("smollm2").capabilities == ["completion"]
+
+
+def test_ollama_think_false_reaches_the_template(server: _Server):
+    c = ollama.Client(host=server.url)
+    opts = {"temperature": 0, "num_predict": 1}
+    on = c.chat(model="qwen3", messages=ASK, think=True, options=opts).prompt_eval_count
+    off = c.chat(model="qwen3", messages=ASK, think=False, options=opts).prompt_eval_count
+    model = next(e.model for e in server.app.state.pool.loaded() if e.model.name.startswith("qwen3"))
+    assert off - on == len(model.tokenize("<think>\n\n</think>\n\n", add_special=False))
