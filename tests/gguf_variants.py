@@ -10,10 +10,15 @@ from typing import Any
 
 def with_metadata(src: Path, dst: Path, new: dict[str, Any], remove: tuple[str, ...] = ()) -> Path:
     """Copy ``src`` to ``dst`` with the keys in ``new`` set (type from the Python value:
-    bool, int -> INT32, float -> FLOAT32, str) and the keys in ``remove`` dropped."""
+    bool, int -> INT32, numpy.uint32 -> UINT32, float -> FLOAT32, str) and the keys in
+    ``remove`` dropped."""
     import gguf
 
     def typed(v: Any) -> gguf.GGUFValueType:
+        import numpy as np
+
+        if isinstance(v, np.uint32):  # token ids: llama.cpp reads them as UINT32
+            return gguf.GGUFValueType.UINT32
         if isinstance(v, bool):
             return gguf.GGUFValueType.BOOL
         if isinstance(v, int):
@@ -38,7 +43,7 @@ def with_metadata(src: Path, dst: Path, new: dict[str, Any], remove: tuple[str, 
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
     for key, value in new.items():
-        writer.add_key_value(key, value, typed(value))
+        writer.add_key_value(key, int(value) if typed(value) == gguf.GGUFValueType.UINT32 else value, typed(value))
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()

@@ -1,7 +1,8 @@
 """The ``hearth`` command line, run as a real subprocess on the real SmolLM2 model.
 
 Every subprocess gets HEARTH_CONFIG pointing at an absent file and HEARTH_HOME at a
-temporary folder (and no other HEARTH_* variable), so the user's settings never leak in.
+temporary folder (and no other HEARTH_* variable, nor llama-server's or Ollama's that
+hearth reads), so the user's settings never leak in.
 Generation is kept short (<= 32 tokens, n_ctx 512): the machine is small and shared.
 """
 
@@ -27,7 +28,10 @@ Runner = Callable[..., subprocess.CompletedProcess]
 
 
 def _clean_env(sandbox: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_")}
+    from hearth.config import SETTINGS
+
+    borrowed = {a.env for s in SETTINGS for a in s.aliases}  # llama-server's and Ollama's variables
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_") and k not in borrowed}
     env["HEARTH_CONFIG"] = str(sandbox / "absent-config.toml")
     env["HEARTH_HOME"] = str(sandbox / "home")
     env["PYTHONIOENCODING"] = "utf-8"
@@ -312,3 +316,24 @@ def test_help_lists_the_commands(cli: Runner) -> None:
     out = _ok(cli("--help"))
     for command in ("run", "chat", "info", "bench", "config"):
         assert command in out
+
+
+# -- llama-server's spellings of the loading flags -----------------------------------------
+
+
+def test_info_takes_llama_server_spellings_of_the_loading_flags(cli: Runner) -> None:
+    plan = json.loads(_ok(cli("info", "--json", "-b", "128", "-ub", "64", "-ctk", "q8_0", "-ngl", "0",
+                              "-tb", "2", "-fa", "off", *CTX)))["plan"]
+    assert (plan["n_batch"], plan["n_ubatch"], plan["kv_type"]) == (128, 64, "q8_0")
+    assert (plan["n_gpu_layers"], plan["n_threads_batch"], plan["flash_attn"]) == (0, 2, False)
+
+
+def test_config_shows_another_programs_variable_as_the_source(cli: Runner) -> None:
+    s = _settings(cli("config", "--json", env={"OLLAMA_KEEP_ALIVE": "10m", "LLAMA_ARG_N_PARALLEL": "2"}))
+    assert (s["keep_alive"]["value"], s["keep_alive"]["source"]) == ("10m", "env:OLLAMA_KEEP_ALIVE")
+    assert (s["parallel"]["value"], s["parallel"]["source"]) == (2, "env:LLAMA_ARG_N_PARALLEL")
+
+
+def test_config_bad_alias_value_is_a_one_line_error_naming_it(cli: Runner) -> None:
+    line = _assert_one_line_error(cli("config", env={"OLLAMA_NUM_PARALLEL": "x"}))
+    assert "OLLAMA_NUM_PARALLEL: expected an integer, got 'x'" in line

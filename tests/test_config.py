@@ -220,3 +220,19 @@ def test_to_dict_reports_value_source_env_and_hides_the_api_key(absent: Path) ->
 def test_data_dir_follows_home(tmp_path: Path, absent: Path) -> None:
     cfg = load_config(env={"HEARTH_HOME": str(tmp_path / "h")}, file=absent)
     assert cfg.data_dir() == tmp_path / "h"
+
+
+def test_aliases_rank_below_the_config_file_and_show_their_variable(tmp_path: Path, absent: Path) -> None:
+    cfg = load_config(env={"OLLAMA_NUM_PARALLEL": "2", "LLAMA_ARG_BATCH": "256"}, file=absent)
+    assert (cfg.parallel, cfg.sources["parallel"]) == (2, "env:OLLAMA_NUM_PARALLEL")
+    assert cfg.to_dict()["n_batch"]["source"] == "env:LLAMA_ARG_BATCH"
+    f = _toml(tmp_path, "parallel = 3\n")
+    assert load_config(env={"OLLAMA_NUM_PARALLEL": "2"}, file=f).sources["parallel"] == "file"
+
+
+def test_alias_names_are_other_programs_and_each_setting_lists_its_own() -> None:
+    for s in SETTINGS:
+        names = [a.env for a in s.aliases]
+        assert len(names) == len(set(names)), s.name
+        assert not any(n.startswith("HEARTH_") for n in names), s.name
+    assert "aliases" in load_config(env={}, file=Path("/nonexistent/absent.toml")).to_dict()["port"]

@@ -344,13 +344,15 @@ _BAD = [
     ("/api/generate", b'{"model":"smollm2","prompt":"\\udfff x","stream":false,"options":{"num_predict":2}}'),
     ("/v1/chat/completions", b'{"model":"smollm2","messages":[{"role":"user","content":[{"type":"text"}]}]}'),
     ("/v1/chat/completions", b'{"model":"smollm2","messages":[{"role":"user","content":[{"type":"text","text":5}]}]}'),
-    ("/v1/chat/completions", b'{"model":"' + b"m" * 300 + b'","messages":[{"role":"user","content":"hi"}]}'),
+    # (a one-model server answers generation requests for unknown names with its model, as
+    # llama-server: odd names are checked where names are looked up, not served)
+    ("/api/show", b'{"model":"' + b"m" * 300 + b'"}'),
     ("/api/generate", b'{"model":"smollm2","prompt":"hi","stream":false,"options":{"temperature":NaN}}'),
     ("/api/generate", b'{"model":"smollm2","prompt":"hi","stream":false,"options":{"repeat_penalty":Infinity}}'),
     ("/api/generate", b'{"model":"smollm2","prompt":"hi","stream":false,"options":{"top_k":4294967297}}'),
     ("/api/generate", b'{"model":"smollm2","prompt":"hi","stream":false,"options":{"repeat_last_n":4294967297}}'),
     ("/api/show", b'{"model":"' + b"x" * 5000 + b'.gguf"}'),
-    ("/api/generate", b'{"model":"a\\u0000b","prompt":"hi"}'),
+    ("/api/show", b'{"model":"a\\u0000b"}'),
 ]
 
 

@@ -82,10 +82,20 @@ class ChatTemplate:
         extra: Mapping[str, Any] | None = None,
     ) -> str:
         """``tools`` in OpenAI's shape (``{"type": "function", "function": {...}}``), as
-        templates expect; ``extra``: more template variables (``enable_thinking``)."""
+        templates expect; ``extra``: more template variables (``enable_thinking``).
+
+        A final assistant message (without tool calls) is continued, not closed: the
+        prompt ends with its text, so the model goes on from there (assistant prefill, as
+        llama-server, Anthropic and Ollama do)."""
         msgs = normalize_messages(messages)
+        prefill = None
+        if add_generation_prompt and len(msgs) > 1 and msgs[-1]["role"] == "assistant" \
+                and not msgs[-1].get("tool_calls"):
+            if msgs[-2]["role"] == "assistant":
+                raise BadRequest("Cannot have 2 or more assistant messages at the end of the list.")
+            prefill = msgs.pop()["content"]
         try:
-            return _compile(self.source).render(
+            text = _compile(self.source).render(
                 **(extra or {}),
                 messages=msgs,
                 bos_token=bos_token,
@@ -93,6 +103,7 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 tools=list(tools) if tools else None,
             )
+            return text if prefill is None else text + prefill
         except BadRequest:
             raise
         except Exception as e:

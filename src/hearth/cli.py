@@ -26,14 +26,36 @@ def _gib(n: int) -> str:
 # -- arguments ------------------------------------------------------------------
 
 
+def _arg_type(convert_name: str):
+    """An argparse type from one of config's converters (llama-server's value syntax)."""
+
+    def convert(value: str) -> Any:
+        from . import config
+
+        try:
+            return getattr(config, convert_name)(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = convert_name.strip("_")
+    return convert
+
+
 def _load_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loading (override the planner)")
-    g.add_argument("--n-ctx", "--ctx", dest="n_ctx", type=int, help="context length in tokens")
+    g.add_argument("--n-ctx", "--ctx", dest="n_ctx", type=int, help="context length in tokens, per slot")
     g.add_argument("--threads", "-t", dest="n_threads", type=int, help="CPU threads")
-    g.add_argument("--gpu-layers", "-ngl", dest="n_gpu_layers", type=int, help="layers on the GPU (-1 = all)")
-    g.add_argument("--batch-size", dest="n_batch", type=int, help="logical batch size")
-    g.add_argument("--ubatch-size", dest="n_ubatch", type=int, help="physical batch size")
-    g.add_argument("--kv-type", dest="kv_type", help="KV cache type (f16, q8_0, q4_0, ...)")
+    g.add_argument("--threads-batch", "-tb", dest="n_threads_batch", type=int,
+                   help="CPU threads for prompt processing (default: --threads)")
+    g.add_argument("--gpu-layers", "--n-gpu-layers", "-ngl", dest="n_gpu_layers", type=_arg_type("_llama_gpu_layers"),
+                   metavar="N|all|auto",
+                   help="layers on the GPU: a number, all (or -1), auto (as many as fit: the default)")
+    g.add_argument("--batch-size", "-b", dest="n_batch", type=int, help="logical batch size")
+    g.add_argument("--ubatch-size", "-ub", dest="n_ubatch", type=int, help="physical batch size")
+    g.add_argument("--kv-type", "--cache-type-k", "-ctk", dest="kv_type",
+                   help="KV cache type, for keys and values (f16, q8_0, q4_0, ...)")
+    g.add_argument("--flash-attn", "-fa", dest="flash_attn", type=_arg_type("_llama_bool"), nargs="?", const=True,
+                   metavar="on|off|auto", help="flash attention (default: auto, llama.cpp decides)")
     g.add_argument("--no-mmap", dest="use_mmap", action="store_const", const=False, help="read the model into RAM instead of mapping it")
     g.add_argument("--mlock", dest="use_mlock", action="store_const", const=True, help="lock the model in RAM")
     g.add_argument("--parallel", "-np", dest="parallel", type=int, help="concurrent requests (slots)")
@@ -98,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     _load_flags(b)
 
-    sv = sub.add_parser("serve", help="serve the OpenAI- and Ollama-compatible HTTP API")
-    sv.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1, HEARTH_HOST)")
+    sv = sub.add_parser("serve", help="serve the OpenAI- and Ollama-compatible HTTP API",
+                        description="Serve the OpenAI, Ollama, Anthropic and llama-server HTTP APIs. "
+                        "llama-server's flags are accepted in its spelling (see the README: "
+                        "Coming from llama-server or Ollama).")
+    sv.add_argument("--host", dest="hosts", action="append", default=None,
+                    help="address to listen on (repeatable: listen on each; default: 127.0.0.1, HEARTH_HOST)")
     sv.add_argument("--port", type=int, default=None, help="port (default: 11435, HEARTH_PORT)")
     sv.add_argument("--model", "-m", dest="models", action="append", default=[],
                     help="load this model at startup (repeatable); the first is the default for requests "
@@ -111,6 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--models-dir", dest="models_dirs", action="append", default=None,
                     help="a directory whose .gguf files clients may use by file name or path (repeatable; "
                     "default: HEARTH_MODELS_DIR; otherwise clients name only models the store knows)")
+    sv.add_argument("--cors-origins", dest="origins", default=None,
+                    help="web origins allowed besides localhost's, comma-separated, * wildcards (HEARTH_ORIGINS)")
+    sv.add_argument("--ollama-port", type=int, nargs="?", const=0, default=None, metavar="N",
+                    help="listen on Ollama's port as well, so Ollama's clients reach hearth (default N: "
+                    "OLLAMA_HOST's port, else 11434)")
+    ls = sv.add_argument_group("llama-server's flags (same meaning unless said)")
+    ls.add_argument("--ctx-size", "-c", dest="ctx_size", type=int, metavar="N",
+                    help="context over all slots, as llama-server: each slot gets N / --parallel (--n-ctx is per "
+                    "slot; give one). Without --parallel every slot gets N and the planner picks how many fit")
+    ls.add_argument("--n-predict", "--predict", "-n", dest="n_predict", type=int, metavar="N",
+                    help="tokens a request generates at most when it sets no limit (-1: no limit, the default)")
+    ls.add_argument("--chat-template", metavar="NAME|JINJA",
+                    help="use this chat template for every model: a llama.cpp built-in name (chatml, llama3, "
+                    "gemma, mistral-v7, phi3, zephyr, deepseek3, ...) or Jinja text")
+    ls.add_argument("--chat-template-file", metavar="PATH", help="use the Jinja chat template in this file")
+    ls.add_argument("--jinja", action="store_true", help="accepted: hearth always renders templates with Jinja")
+    ls.add_argument("--no-jinja", action="store_true",
+                    help="accepted, no effect: hearth always renders templates with Jinja")
+    ls.add_argument("--slots", action=argparse.BooleanOptionalAction, default=True,
+                    help="serve GET /slots, each slot's state without any request's text (default: on, as "
+                    "llama-server; --no-slots answers 501)")
+    ls.add_argument("--metrics", action="store_true", help="accepted: hearth always serves /metrics (Prometheus)")
+    ls.add_argument("--embedding", "--embeddings", dest="embedding", action="store_true",
+                    help="accepted: every model serves embeddings here (/v1/embeddings, /embedding, /api/embed)")
+    ls.add_argument("--pooling", metavar="TYPE",
+                    help="embedding pooling: only mean (what hearth does) is available")
     _load_flags(sv)
 
     d = sub.add_parser("daemon", help="keep models loaded in a background server, so run/chat start at once")
@@ -155,7 +207,8 @@ def _version() -> str:
 
 
 def _load_wishes(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch", "n_ubatch", "kv_type", "use_mmap", "use_mlock", "parallel")
+    keys = ("n_ctx", "n_threads", "n_threads_batch", "n_gpu_layers", "n_batch", "n_ubatch", "kv_type", "flash_attn",
+            "use_mmap", "use_mlock", "parallel")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -201,8 +254,9 @@ def _gen_config(args: argparse.Namespace):
 
 
 # load flags -> the same flags for the daemon's process
-_LOAD_ARGV = {"n_ctx": "--n-ctx", "n_threads": "--threads", "n_gpu_layers": "--gpu-layers", "n_batch": "--batch-size",
-              "n_ubatch": "--ubatch-size", "kv_type": "--kv-type", "parallel": "--parallel"}
+_LOAD_ARGV = {"n_ctx": "--n-ctx", "n_threads": "--threads", "n_threads_batch": "--threads-batch",
+              "n_gpu_layers": "--gpu-layers", "n_batch": "--batch-size", "n_ubatch": "--ubatch-size",
+              "kv_type": "--kv-type", "parallel": "--parallel"}
 
 
 def _load_argv(args: argparse.Namespace) -> list[str]:
@@ -212,6 +266,8 @@ def _load_argv(args: argparse.Namespace) -> list[str]:
             out.append("--no-mmap")
         elif k == "use_mlock":
             out.append("--mlock")
+        elif k == "flash_attn":
+            out += ["--flash-attn", "on" if v else "off"]
         else:
             out += [_LOAD_ARGV[k], str(v)]
     return out
@@ -587,38 +643,125 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_wishes(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    """The load wishes of ``serve``: the loading flags, with llama-server's ``--ctx-size``
+    (or ``LLAMA_ARG_CTX_SIZE``), a context over all slots, made hearth's per-slot n_ctx."""
+    from .config import LLAMA_CTX, per_slot_ctx
+    from .errors import BadRequest
+
+    wishes = _load_wishes(args)
+    if args.ctx_size is not None:
+        if "n_ctx" in wishes:
+            raise BadRequest("--ctx-size is llama-server's context over all slots, --n-ctx hearth's per slot: "
+                             "give one of them")
+        try:
+            n_ctx = per_slot_ctx(args.ctx_size, wishes.get("parallel", cfg.parallel))
+        except ValueError as e:
+            raise BadRequest(f"--ctx-size: {e}") from None
+        if n_ctx is not None:
+            wishes["n_ctx"] = n_ctx
+    elif "n_ctx" not in wishes and cfg.sources["n_ctx"] == f"env:{LLAMA_CTX.env}" and cfg.n_ctx is not None:
+        wishes["n_ctx"] = cfg.n_ctx  # divided by this command's --parallel, which the config did not see
+    return wishes
+
+
+def _serve_chat_template(args: argparse.Namespace) -> str | None:
+    """``--chat-template NAME|JINJA`` or ``--chat-template-file PATH`` as checked Jinja text."""
+    from .chat_templates import resolve_chat_template
+    from .errors import BadRequest
+
+    if args.chat_template is not None and args.chat_template_file is not None:
+        raise BadRequest("give --chat-template or --chat-template-file, not both")
+    if args.chat_template_file is not None:
+        path = args.chat_template_file
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise BadRequest(f"--chat-template-file {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise BadRequest(f"--chat-template-file {path}: not UTF-8 text") from None
+        return resolve_chat_template(text, f"--chat-template-file {path}")
+    if args.chat_template is not None:
+        return resolve_chat_template(args.chat_template)
+    return None
+
+
+def _ollama_port(env: Any = None) -> int:
+    """The port Ollama's clients go to: OLLAMA_HOST's, else Ollama's 11434."""
+    from .config import ollama_host
+
+    value = (os.environ if env is None else env).get("OLLAMA_HOST", "").strip().strip("\"'").strip()
+    return (ollama_host(value)[1] if value else None) or 11434
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_config
     from .errors import BadRequest
     from .store import resolve_model
 
-    cfg = load_config({"host": args.host, "port": args.port, "api_key": args.api_key})
+    hosts = list(dict.fromkeys(args.hosts or []))
+    cfg = load_config({"host": hosts[0] if hosts else None, "port": args.port, "api_key": args.api_key,
+                       "origins": args.origins, "parallel": args.parallel})
     if not 0 < cfg.port < 65536:
-        raise BadRequest(f"--port must be in 1..65535, got {cfg.port}")
-    if len(args.aliases) > len(args.models):
-        raise BadRequest(f"{len(args.aliases)} --alias for {len(args.models)} --model: give one per model")
+        raise BadRequest(f"the port must be in 1..65535, got {cfg.port}")
+    if args.pooling is not None and args.pooling.strip().lower() != "mean":
+        raise BadRequest(f"--pooling {args.pooling}: hearth's embeddings are the mean over the tokens; "
+                         "only --pooling mean is available")
+    if args.n_predict is not None and args.n_predict < -1:
+        raise BadRequest(f"--n-predict must be -1 (no limit) or >= 0, got {args.n_predict}")
+    n_predict = None if args.n_predict in (None, -1) else args.n_predict
+    wishes = _serve_wishes(args, cfg)
+    template = _serve_chat_template(args)
+    models = list(args.models)
+    if not models and cfg.sources["model"].startswith("env:"):
+        models = [cfg.model]  # LLAMA_ARG_MODEL: loaded at startup, as llama-server does
+    if len(args.aliases) > len(models):
+        raise BadRequest(f"{len(args.aliases)} --alias for {len(models)} --model: give one per model")
     if len(set(a.lower() for a in args.aliases)) < len(args.aliases):
         raise BadRequest("each --alias must be different")
-    for m in args.models:
+    for m in models:
         resolve_model(m)  # an unknown model fails here, before the server starts
-    import uvicorn
-
-    from .server import create_app
-
     dirs = args.models_dirs
     for d in dirs or []:
         if not os.path.isdir(d):
             raise BadRequest(f"--models-dir {d}: not a directory")
-    app = create_app(args.models, api_key=cfg.api_key, load_options=_load_wishes(args), aliases=args.aliases,
-                     host=cfg.host, models_dirs=dirs)
-    print(f"hearth: serving on http://{cfg.host}:{cfg.port} (OpenAI API at /v1, Ollama API at /api)", file=sys.stderr)
-    from .server.http import config as server_config
+    if args.no_jinja:
+        _say("note: --no-jinja has no effect: hearth renders every chat template with Jinja")
 
+    from .server import create_app
+    from .server.http import address, bind, serve
+    from .server.web import is_loopback, split_list
+
+    hosts = hosts or [cfg.host]
+    listen = [(h, cfg.port) for h in hosts]
+    if args.ollama_port is not None:
+        port = args.ollama_port or _ollama_port()
+        if not 0 < port < 65536:
+            raise BadRequest(f"--ollama-port must be in 1..65535, got {port}")
+        listen += [(h, port) for h in hosts]
+    listen = list(dict.fromkeys(listen))
+    # the Host check guards a loopback-only server; one that also listens elsewhere was exposed on purpose
+    policy_host = next((h for h in hosts if not is_loopback(h)), hosts[0])
+    app = create_app(models, api_key=cfg.api_key, load_options=wishes, aliases=args.aliases, host=policy_host,
+                     models_dirs=dirs, origins=split_list(cfg.origins), slots_endpoint=args.slots,
+                     n_predict=n_predict, chat_template=template)
+    sockets = []
     try:
-        uvicorn.Server(server_config(app, host=cfg.host, port=cfg.port,
-                                     log_level="info" if args.verbose else "warning")).run()
-    except OSError as e:
-        raise BadRequest(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+        for h, p in listen:
+            try:
+                sockets.append(bind(h, p))
+            except OSError as e:
+                raise BadRequest(f"cannot listen on {address(h, p)}: {e.strerror or e}") from None
+        borrowed = [f"{name} from {src[4:]}" for name, src in cfg.sources.items() if src.startswith("env:")]
+        if borrowed:
+            _say(f"settings from other programs' variables: {', '.join(borrowed)}")
+        where = ", ".join(f"http://{address(h, p)}" for h, p in listen)
+        print(f"hearth: serving on {where} (OpenAI API at /v1, Ollama API at /api)", file=sys.stderr)
+        serve(app, sockets, log_level="info" if args.verbose else "warning")
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
 
 
@@ -631,8 +774,11 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(json.dumps({"config_file": str(cfg.file), "settings": d}, indent=2))
         return 0
     print(f"config file: {cfg.file}{'' if cfg.file.exists() else ' (absent)'}")
+    width = max(len(n) for n in d)
+    src_width = max(8, *(len(s["source"]) for s in d.values()))
     for name, s in d.items():
-        print(f"{name:<16} {str(s['value']):<22} {s['source']:<8} {s['env']}")
+        also = f" (also {', '.join(s['aliases'])})" if s["aliases"] else ""
+        print(f"{name:<{width}} {s['value']!s:<22} {s['source']:<{src_width}} {s['env']}{also}")
     return 0
 
 

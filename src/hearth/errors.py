@@ -56,9 +56,16 @@ class BadRequest(HearthError):
 
 
 class ContextOverflow(BadRequest):
-    """The prompt (plus what must be generated) does not fit in the context."""
+    """The prompt (plus what must be generated) does not fit in the context.
+    ``n_prompt_tokens`` and ``n_ctx``, when known, go into the HTTP error as
+    llama-server's ``exceed_context_size_error`` does."""
 
     code = "context_length_exceeded"
+
+    def __init__(self, message: str, n_prompt_tokens: int | None = None, n_ctx: int | None = None) -> None:
+        super().__init__(message)
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx
 
 
 class ConfigError(HearthError):

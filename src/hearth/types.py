@@ -69,6 +69,19 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1024
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 INT32_MAX = 2**31 - 1
+MAX_SAMPLERS = 32  # entries in a `samplers` order
+
+# llama.cpp's sampler names (common/sampling.cpp), in its default order, with their
+# one-letter codes and the aliases llama-server accepts (case-insensitive)
+DEFAULT_SAMPLERS = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
+SAMPLER_CHARS = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typ_p", "p": "top_p",
+                 "m": "min_p", "x": "xtc", "t": "temperature"}
+SAMPLER_NAMES = {
+    **{n: n for n in DEFAULT_SAMPLERS},
+    **{n.replace("_", "-"): n for n in DEFAULT_SAMPLERS if "_" in n},
+    **{n.replace("_", ""): n for n in DEFAULT_SAMPLERS if "_" in n},
+    "nucleus": "top_p", "temp": "temperature", "typ": "typ_p",
+}
 
 
 @dataclass
@@ -103,6 +116,25 @@ class GenerationParams:
     # log probabilities of the generated tokens, with this many most likely alternatives
     # each (0..MAX_TOP_LOGPROBS); None: not computed (the default, and the fast path)
     logprobs: int | None = UNSET
+    # llama-server's other samplers, same names and meanings (ENGINE_DEFAULTS: all off)
+    typical_p: float = UNSET  # locally typical sampling; 1.0: off
+    mirostat: int = UNSET  # 0 off, 1 Mirostat, 2 Mirostat 2.0 (replaces the samplers after temperature)
+    mirostat_tau: float = UNSET
+    mirostat_eta: float = UNSET
+    xtc_probability: float = UNSET  # 0.0: off
+    xtc_threshold: float = UNSET  # > 0.5: off
+    dry_multiplier: float = UNSET  # 0.0: off
+    dry_base: float = UNSET
+    dry_allowed_length: int = UNSET
+    dry_penalty_last_n: int = UNSET  # -1: the whole context, 0: off
+    dry_sequence_breakers: list[str] = UNSET
+    dynatemp_range: float = UNSET  # 0.0: off; else temperature +- range by entropy
+    dynatemp_exponent: float = UNSET
+    top_n_sigma: float = UNSET  # <= 0: off
+    min_keep: int = UNSET  # the least candidates a truncating sampler leaves
+    # the samplers' order: names (or llama.cpp's one-letter codes, as a string); stored as
+    # canonical names, DEFAULT_SAMPLERS by default
+    samplers: list[str] = UNSET
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -157,7 +189,24 @@ class GenerationParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Whether the sampler takes the most likely token (after logit bias, penalties, DRY
+        and grammar), as llama.cpp's chain does: temperature 0 (without a dynamic range) or
+        top_k 1 where they come in ``samplers``; with Mirostat, temperature 0. Typical and
+        XTC may drop the top token before that, so with them it is never a plain argmax."""
+        def get(name: str) -> Any:
+            v = getattr(self, name)
+            return getattr(ENGINE_DEFAULTS, name) if v is UNSET else v
+
+        if get("mirostat"):
+            return get("temperature") == 0.0
+        if get("typical_p") < 1.0 or (get("xtc_probability") > 0.0 and get("xtc_threshold") <= 0.5):
+            return False
+        for name in get("samplers"):
+            if name == "top_k" and get("top_k") == 1:
+                return True
+            if name == "temperature" and get("temperature") == 0.0 and not get("dynatemp_range") > 0.0:
+                return True
+        return False
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.set_fields().items()}
@@ -228,6 +277,31 @@ class GenerationParams:
                     raise BadRequest(f"logit_bias token id {tok} is negative")
                 bias[tok] = float(v)
             self.logit_bias = bias
+        num("typical_p", 0.0, 1.0)
+        integer("mirostat", 0, 2)
+        num("mirostat_tau", 0.0)
+        num("mirostat_eta", 0.0)
+        num("xtc_probability", 0.0, 1.0)
+        num("xtc_threshold", 0.0, 1.0)
+        num("dry_multiplier", 0.0)
+        num("dry_base", 1.0)
+        integer("dry_allowed_length", 0)
+        integer("dry_penalty_last_n", -1)
+        num("dynatemp_range", 0.0)
+        num("dynatemp_exponent", 0.0)
+        num("top_n_sigma")
+        integer("min_keep", 0)
+        if self.dry_sequence_breakers is not UNSET:
+            br = self.dry_sequence_breakers
+            if not isinstance(br, (list, tuple)) or not br or not all(isinstance(b, str) and b for b in br):
+                raise BadRequest("dry_sequence_breakers must be a non-empty list of non-empty strings")
+            if len(br) > MAX_STOP_STRINGS:
+                raise BadRequest(f"at most {MAX_STOP_STRINGS} dry_sequence_breakers, got {len(br)}")
+            if any(len(b) > MAX_STOP_LENGTH for b in br):
+                raise BadRequest(f"a dry_sequence_breakers entry may be at most {MAX_STOP_LENGTH} characters")
+            self.dry_sequence_breakers = list(br)
+        if self.samplers is not UNSET:
+            self.samplers = sampler_order(self.samplers)
         if self.grammar and not isinstance(self.grammar, str):
             raise BadRequest("grammar must be a string (GBNF)")
         if self.json_schema is not UNSET and self.json_schema is not None and not isinstance(
@@ -245,6 +319,30 @@ class GenerationParams:
                 raise BadRequest("grammar_triggers must be a short list of regular expressions")
 
 
+def sampler_order(value: Any) -> list[str]:
+    """llama-server's ``samplers``: a list of names or a string of one-letter codes ->
+    canonical names. Unknown entries are refused (llama-server skips them with a warning)."""
+    if isinstance(value, str):
+        if len(value) > MAX_SAMPLERS:
+            raise BadRequest(f"samplers: at most {MAX_SAMPLERS} entries, got {len(value)}")
+        bad = [c for c in value if c not in SAMPLER_CHARS]
+        if bad:
+            known = ", ".join(f"{c} ({n})" for c, n in SAMPLER_CHARS.items())
+            raise BadRequest(f"samplers: unknown sampler code {bad[0]!r} (known: {known})")
+        return [SAMPLER_CHARS[c] for c in value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
+        raise BadRequest("samplers must be a list of sampler names or a string of sampler codes")
+    if len(value) > MAX_SAMPLERS:
+        raise BadRequest(f"samplers: at most {MAX_SAMPLERS} entries, got {len(value)}")
+    out = []
+    for n in value:
+        canon = SAMPLER_NAMES.get(n.lower())
+        if canon is None:
+            raise BadRequest(f"samplers: unknown sampler {n[:64]!r} (known: {', '.join(DEFAULT_SAMPLERS)})")
+        out.append(canon)
+    return out
+
+
 # The one table of defaults per front end: what a field is when neither the request nor
 # the model's own defaults (an Ollama manifest, the GGUF's general.sampling.*) set it.
 # ENGINE_DEFAULTS are llama.cpp's common defaults (what llama-server uses), under all.
@@ -252,6 +350,10 @@ ENGINE_DEFAULTS = GenerationParams(
     max_tokens=None, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
     presence_penalty=0.0, frequency_penalty=0.0, repeat_last_n=64, seed=None, stop=[],
     logit_bias={}, grammar=None, json_schema=None, ignore_eos=False, grammar_triggers=[], logprobs=None,
+    typical_p=1.0, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1, xtc_probability=0.0, xtc_threshold=0.1,
+    dry_multiplier=0.0, dry_base=1.75, dry_allowed_length=2, dry_penalty_last_n=64,
+    dry_sequence_breakers=["\n", ":", "\"", "*"], dynatemp_range=0.0, dynatemp_exponent=1.0, top_n_sigma=-1.0,
+    min_keep=0, samplers=list(DEFAULT_SAMPLERS),
 )
 
 FRONTEND_DEFAULTS: dict[str, GenerationParams] = {
@@ -366,6 +468,7 @@ class GenerationResult(_Text):
     # chat: the model's thinking, split off the text; the tool calls it made (tools.ToolCall)
     reasoning: str = ""
     tool_calls: list[Any] = field(default_factory=list)
+    slot: int = -1  # the engine slot that ran it (llama-server's id_slot); -1 unknown
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "text" and "text" in self.__dict__ and value != self.__dict__["text"]:

@@ -202,7 +202,9 @@ def start(models: list[str], load_flags: list[str], verbose: int = 0, timeout: f
                     health = {}
             if health.get("status") == "error":
                 _terminate(proc)
-                raise DaemonFailed(f"the daemon could not load its models: {health.get('error')}")
+                err = health.get("error")
+                err = err.get("message") if isinstance(err, dict) else err
+                raise DaemonFailed(f"the daemon could not load its models: {err}")
         if time.monotonic() > deadline:
             _terminate(proc)
             raise DaemonFailed(f"the daemon did not come up in {timeout:.0f}s: {_log_tail(d)}")

@@ -62,12 +62,40 @@ class Engine(Protocol):
     @property
     def n_ctx_per_slot(self) -> int: ...
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
 
     def detokenize(self, tokens: list[int]) -> str: ...
 
+    def token_piece(self, token: int, special: bool = True) -> bytes:
+        """One token's bytes; ``special``: control tokens written out (``<|im_end|>``)."""
+        ...
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether tokenizing with specials puts a BOS first."""
+        ...
+
+    @property
+    def special_texts(self) -> dict[str, str]:
+        """{"bos": ..., "eos": ...}: those tokens' text."""
+        ...
+
+    def fim_tokens(self) -> dict[str, int]:
+        """Fill-in-the-middle token ids by role: pre, suf, mid (all three, or FIM is not
+        possible), rep, sep, pad."""
+        ...
+
+    def slot_states(self) -> list[dict[str, Any]]:
+        """Each slot's state in llama-server's ``/slots`` shape."""
+        ...
+
     @property
     def chat_template(self) -> ChatTemplate: ...
+
+    def use_chat_template(self, template: ChatTemplate) -> None:
+        """Render chats with this template from now on, instead of the model's own
+        (``--chat-template``)."""
+        ...
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
                     extra: Mapping[str, Any] | None = None) -> tuple[str, list[str]]:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import BadRequest, Busy, HearthError
+from ..errors import BadRequest, Busy, ContextOverflow, HearthError
 from .pool import ModelPool
 from .web import CORS_MAX_AGE, CORS_METHODS, WebPolicy, split_list
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 BODY_TIMEOUT_SECONDS = 30.0  # a body that trickles in slower than this is refused (slowloris)
-OPEN_PATHS = ("/health",)  # reachable without the API key
+OPEN_PATHS = ("/health", "/v1/health")  # reachable without the API key (as llama-server's)
 
 
 # -- errors: the one place HearthError and friends become HTTP ----------------------------
@@ -47,14 +47,30 @@ def is_anthropic(path: str) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
+# llama-server's own routes (tools/server/server.cpp) answer in its error shape
+_LLAMACPP_PATHS = frozenset({"/completion", "/completions", "/infill", "/tokenize", "/detokenize",
+                             "/apply-template", "/props", "/slots", "/embedding", "/embeddings", "/health",
+                             "/v1/health"})
+_LLAMACPP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 501: "not_supported_error", 503: "unavailable_error"}
+
+
+def is_llamacpp(path: str) -> bool:
+    return path in _LLAMACPP_PATHS or path.startswith("/slots/")
+
+
 def error_body(path: str, status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """Ollama's ``{"error": msg}`` under /api/, Anthropic's under /v1/messages, OpenAI's
-    error object elsewhere."""
+    """Ollama's ``{"error": msg}`` under /api/, Anthropic's under /v1/messages,
+    llama-server's ``{"error": {"code": status, "message", "type"}}`` on its native
+    routes, OpenAI's error object elsewhere."""
     if is_ollama(path):
         return {"error": message}
     if is_anthropic(path):
         kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         return {"type": "error", "error": {"type": kind, "message": message}}
+    if is_llamacpp(path):
+        kind = _LLAMACPP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return {"error": {"code": status, "message": message, "type": kind}}
     return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
                       "param": param, "code": code}}
 
@@ -64,7 +80,12 @@ def error_response(path: str, status: int, message: str, code: str | None = None
 
 
 def hearth_error_body(path: str, e: HearthError) -> dict[str, Any]:
-    return error_body(path, e.http_status, e.message, e.code)
+    body = error_body(path, e.http_status, e.message, e.code)
+    if isinstance(e, ContextOverflow) and e.n_ctx is not None and isinstance(body.get("error"), dict) \
+            and not is_anthropic(path):
+        # llama-server's exceed_context_size_error, with both numbers (OpenAI's code kept)
+        body["error"].update(type="exceed_context_size_error", n_prompt_tokens=e.n_prompt_tokens, n_ctx=e.n_ctx)
+    return body
 
 
 def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
@@ -252,6 +273,9 @@ def create_app(
     origins: list[str] | None = None,
     allowed_hosts: list[str] | None = None,
     models_dirs: list[str] | None = None,
+    slots_endpoint: bool = True,
+    n_predict: int | None = None,
+    chat_template: str | None = None,
 ) -> FastAPI:
     """The server. ``models`` load at startup (``/health`` says 503 until they have);
     the first is what a request that names no model gets, and ``aliases`` (by
@@ -259,10 +283,15 @@ def create_app(
     on first use. ``load_options`` are the planner wishes (n_ctx, parallel, ...) every
     model is loaded with. ``host`` is the address it listens on (None: a Unix socket),
     for the Host check; ``origins``, ``allowed_hosts`` and ``models_dirs`` default to
-    the settings (HEARTH_ORIGINS, HEARTH_ALLOWED_HOSTS, HEARTH_MODELS_DIR)."""
+    the settings (HEARTH_ORIGINS, HEARTH_ALLOWED_HOSTS, HEARTH_MODELS_DIR).
+
+    llama-server's switches: ``slots_endpoint`` serves ``GET /slots`` (on by default, as
+    in the llama-server we vendor; it shows counts, never prompt or output text); ``n_predict`` caps the tokens of a request that sets no limit of its own
+    (llama-server's ``--n-predict``); ``chat_template`` (Jinja text) replaces the
+    models' own templates (``--chat-template``/``--chat-template-file``)."""
     from ..config import load_config
     from .. import __version__
-    from . import anthropic, metrics, ollama, openai, responses
+    from . import anthropic, llamacpp, metrics, ollama, openai, responses
 
     startup = list(models or [])
     names = list(aliases or [])
@@ -275,7 +304,7 @@ def create_app(
         allowed_hosts = split_list(cfg.allowed_hosts)
     if models_dirs is None:
         models_dirs = [d for d in (cfg.models_dir or "").split(os.pathsep) if d]
-    pool = ModelPool(load_options, models_dirs=models_dirs)
+    pool = ModelPool(load_options, models_dirs=models_dirs, chat_template=chat_template)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -300,18 +329,26 @@ def create_app(
     app.state.pool = pool
     app.state.ready = not startup
     app.state.startup_error = None
+    app.state.slots_endpoint = slots_endpoint
+    app.state.n_predict = n_predict
+    app.state.chat_template = chat_template
     _install_error_handlers(app)
     app.add_middleware(GuardMiddleware, api_key=api_key or None,
                        policy=WebPolicy(host, origins=origins, hosts=allowed_hosts))
     metrics.install(app, pool)  # /metrics, and counts every response (outside the guard)
 
     @app.get("/health")
+    @app.get("/v1/health")
     async def health() -> JSONResponse:
+        """llama-server's shape: 200 {"status": "ok"}; 503 with its error object while
+        loading ("Loading model", unavailable_error) or when the startup model failed."""
         if app.state.ready:
             return JSONResponse({"status": "ok"})
         if app.state.startup_error:
-            return JSONResponse({"status": "error", "error": app.state.startup_error}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "error", "error": {
+                "code": 503, "message": app.state.startup_error, "type": "unavailable_error"}}, status_code=503)
+        return JSONResponse({"status": "loading", "error": {
+            "code": 503, "message": "Loading model", "type": "unavailable_error"}}, status_code=503)
 
     @app.get("/")
     async def root() -> JSONResponse:
@@ -321,4 +358,5 @@ def create_app(
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
     app.include_router(responses.router)
+    app.include_router(llamacpp.router)
     return app

@@ -10,7 +10,9 @@ process ran out. Here a connection must deliver a request's headers within
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import os
+import socket
+from typing import Any, Sequence
 
 import h11
 import uvicorn
@@ -64,3 +66,41 @@ def config(app: Any, **kw: Any) -> uvicorn.Config:
     kw.setdefault("limit_concurrency", MAX_CONNECTIONS)
     kw.setdefault("timeout_keep_alive", 5)
     return uvicorn.Config(app, **kw)
+
+
+def address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host`` (a name, IPv4 or IPv6 address) and ``port``.
+
+    Bound here rather than by uvicorn so that a server can listen on several addresses
+    (``serve --host A --host B``) and a port in use is an ``OSError`` for the caller,
+    not uvicorn's log line and exit. An IPv6 socket takes IPv6 only, so ``::`` and
+    ``0.0.0.0`` can both be listened on."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":  # on Windows it would let a second server take the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(app: Any, sockets: Sequence[socket.socket], **kw: Any) -> None:
+    """Run ``app`` on every socket (from ``bind``) until interrupted; closes them after."""
+    host, port = sockets[0].getsockname()[:2]
+    try:
+        uvicorn.Server(config(app, host=host, port=port, **kw)).run(sockets=list(sockets))
+    finally:
+        for s in sockets:
+            s.close()

@@ -85,6 +85,34 @@ def _stream(request: Request, events: AsyncIterator[bytes], lease: Lease) -> Str
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def server_limit(request: Request, params: GenerationParams) -> GenerationParams:
+    """llama-server's ``--n-predict``: the limit of a request that sets none itself."""
+    n = getattr(request.app.state, "n_predict", None)
+    if n is None or params.is_set("max_tokens"):
+        return params
+    return params.updated(max_tokens=None if n < 0 else n)
+
+
+def timings(r: GenerationResult) -> dict[str, Any]:
+    """llama-server's ``timings`` object from a result."""
+    t, u = r.timings, r.usage
+    prompt_n = max(0, u.prompt_tokens - u.cached_tokens)
+    prompt_ms = t.prompt_seconds * 1000.0
+    gen_ms = t.generation_seconds * 1000.0
+    n = u.completion_tokens
+    return {
+        "cache_n": u.cached_tokens,
+        "prompt_n": prompt_n,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+        "prompt_per_second": 1000.0 * prompt_n / prompt_ms if prompt_ms > 0 else 0.0,
+        "predicted_n": n,
+        "predicted_ms": gen_ms,
+        "predicted_per_token_ms": gen_ms / n if n else 0.0,
+        "predicted_per_second": 1000.0 * n / gen_ms if gen_ms > 0 else 0.0,
+    }
+
+
 # -- routes ----------------------------------------------------------------------------
 
 
@@ -96,11 +124,20 @@ def _created(pool: ModelPool, key: Any) -> int:
 @router.get("/models")
 async def list_models(request: Request) -> JSONResponse:
     pool = _pool(request)
-    created = {e.model.name: int(e.loaded_at) for e in pool.loaded()}
-    return JSONResponse({"object": "list", "data": [
-        {"id": name, "object": "model", "created": created.get(name, 0), "owned_by": "hearth"}
-        for name in await pool.installed_names()
-    ]})
+    loaded = {e.model.name: e for e in pool.loaded()}
+
+    def entry(name: str) -> dict[str, Any]:
+        e = loaded.get(name)
+        out: dict[str, Any] = {"id": name, "object": "model", "created": int(e.loaded_at) if e else 0,
+                               "owned_by": "hearth"}
+        if e is not None:  # llama-server's "meta", for a loaded model
+            info = e.model.info
+            out["meta"] = {"n_vocab": info.vocab_size, "n_ctx": e.model.engine.n_ctx_per_slot,
+                           "n_ctx_train": info.context_length, "n_embd": info.embedding_length,
+                           "n_params": info.parameters, "size": info.file_size, "ftype": info.quantization}
+        return out
+
+    return JSONResponse({"object": "list", "data": [entry(name) for name in await pool.installed_names()]})
 
 
 @router.get("/models/{model:path}")
@@ -184,7 +221,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     messages = _chat_messages(req)
     tools = parse_tools(req.tools)
     choice = parse_tool_choice(req.tool_choice, tools)
-    params = req.to_params()
+    params = server_limit(request, req.to_params())
     return await with_lease(_pool(request), req.model,
                             lambda lease: _chat(req, request, lease, messages, params, tools, choice))
 
@@ -216,30 +253,31 @@ async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease, mess
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": name,
             "system_fingerprint": None, "choices": choices, "usage": _usage(results),
+            "timings": timings(results[0]),  # llama-server's extension
         })
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name, "system_fingerprint": None}
 
-    def chunk(choices: list[dict[str, Any]]) -> bytes:
-        return _sse({**base, "choices": choices, **({"usage": None} if include_usage else {})})
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return _sse({**base, "choices": choices, **({"usage": None} if include_usage else {}), **extra})
 
     want_logprobs = setup.params.logprobs is not None
     pending: list[list[dict[str, Any]]] = [[] for _ in range(req.n)]  # logprobs not yet sent, per choice
 
-    def delta(i: int, d: dict[str, Any], finish: str | None = None) -> bytes:
+    def delta(i: int, d: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
         lp = None
         if want_logprobs and ("content" in d or finish is not None):
             lp, pending[i] = _chat_logprobs(pending[i]), []
-        return chunk([{"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}])
+        return chunk([{"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}], **extra)
 
     _KEY = {"content": "content", "reasoning": "reasoning_content"}
 
     async def events() -> AsyncIterator[bytes]:
         results: list[GenerationResult | None] = [None] * req.n
         parsers = [setup.parser() for _ in range(req.n)]
-        for i in range(req.n):
-            yield delta(i, {"role": "assistant", "content": ""})
+        for i in range(req.n):  # as OpenAI and llama-server: the role, and no content yet
+            yield delta(i, {"role": "assistant", "content": None})
         stream = merge_streams(handles)
         try:
             async for i, ch, result in stream:
@@ -255,7 +293,7 @@ async def _chat(req: ChatCompletionRequest, request: Request, lease: Lease, mess
                         yield delta(i, {_KEY[kind]: text})
                     for j, call in enumerate(parsed.tool_calls):
                         yield delta(i, {"tool_calls": [_tool_call_json(call, j)]})
-                    yield delta(i, {}, _finish(result, parsed))
+                    yield delta(i, {}, _finish(result, parsed), timings=timings(result))
         finally:
             await stream.aclose()
         if include_usage:
@@ -282,7 +320,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     if len(prompts) * req.n > MAX_GENERATIONS:
         raise BadRequest(f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} generations; "
                          f"one request may ask for at most {MAX_GENERATIONS}")
-    params = req.to_params()
+    params = server_limit(request, req.to_params())
     return await with_lease(_pool(request), req.model, lambda lease: _complete(req, request, lease, prompts, params))
 
 
@@ -313,6 +351,7 @@ async def _complete(req: CompletionRequest, request: Request, lease: Lease,
                 for i, r in enumerate(results)
             ],
             "usage": {**_usage(results), "prompt_tokens": sum(r.usage.prompt_tokens for r in results[:: req.n])},
+            "timings": timings(results[0]),  # llama-server's extension
         })
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -37,6 +37,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..api import Model, ModelDefaults, load_model, plan_model
+from ..chat import ChatTemplate
 from ..engines.base import Handle
 from ..errors import BadRequest, Cancelled, DoesNotFit, EngineError, HearthError, ModelChanged, ModelNotFound
 from ..store import ResolvedModel, resolve_model
@@ -244,15 +245,28 @@ class ModelPool:
         available_ram: Callable[[], int] | None = None,
         free_vram: Callable[[], int] | None = None,
         models_dirs: Sequence[str | os.PathLike[str]] = (),
+        chat_template: str | None = None,
+        max_loaded_models: int | None = None,
     ) -> None:
         self.load_options = dict(load_options or {})
         # the only directories whose files a client may name by path or file name
         self.models_dirs = [Path(os.path.realpath(os.path.expanduser(d))) for d in models_dirs]
-        if keep_alive is None:
+        if keep_alive is None or max_loaded_models is None:
             from ..config import load_config
 
-            keep_alive = getattr(load_config(), "keep_alive", None)
+            cfg = load_config()
+            keep_alive = getattr(cfg, "keep_alive", None) if keep_alive is None else keep_alive
+            max_loaded_models = cfg.max_loaded_models if max_loaded_models is None else max_loaded_models
         self.keep_alive = DEFAULT_KEEP_ALIVE if keep_alive is None else parse_keep_alive(keep_alive)
+        # at most this many models loaded, idle ones unloaded (LRU) to make room; 0/None: memory decides
+        self.max_loaded_models = max_loaded_models or None
+        # --chat-template: every model renders with this instead of its own (checked now, at startup)
+        self.chat_template: ChatTemplate | None = None
+        if chat_template:
+            from ..chat_templates import as_template
+
+            self.chat_template = as_template(chat_template)
+            self.chat_template.render([{"role": "user", "content": "hi"}])
         self.available_ram = available_ram or _available_ram
         self.free_vram = free_vram or _free_vram
         self.on_result: Callable[[str, GenerationResult], None] | None = None  # metrics hooks
@@ -361,7 +375,15 @@ class ModelPool:
         """Lease the model (loading it if needed); ``keep_alive``, if given, becomes its keep-alive."""
         ka = parse_keep_alive(keep_alive) if keep_alive is not None else ...
         self._start_reaper()
-        target = await self.target(name)
+        try:
+            target = await self.target(name)
+        except ModelNotFound:
+            # single-model mode, as llama-server: a server started with one model answers
+            # clients whose model name is hard-coded (gpt-3.5-turbo, llama3) with that model
+            if len(self._served) != 1:
+                raise
+            log.debug("unknown model %r: served by the only startup model %s", name, self._served[0].name)
+            target = self._served[0]
         key = target.key
         entry = self._loaded.get(key)
         if entry is not None and await work.disk(entry.check_file):
@@ -441,6 +463,12 @@ class ModelPool:
         await self._make_room(target)
         t0 = time.perf_counter()
         model = await work.load(load_model, target.model, **self.load_options)
+        if self.chat_template is not None:
+            try:
+                _use_template(model, self.chat_template)
+            except BaseException:
+                await work.load(model.close)
+                raise
         if self._closed:  # shut down while it loaded: nobody will close it later
             await work.load(model.close)
             raise EngineError("the server is shutting down")
@@ -462,7 +490,16 @@ class ModelPool:
 
     async def _make_room(self, target: Target) -> None:
         """Unload idle models, least recently used first, until the new one's planned
-        RAM and VRAM fit in what is available (or nothing idle is left)."""
+        RAM and VRAM fit in what is available (or nothing idle is left), and, with
+        ``max_loaded_models``, until one more is within that count (a model in use is
+        never unloaded for it: then the new one loads beyond the count)."""
+        while self.max_loaded_models and len(self._loaded) >= self.max_loaded_models:
+            idle = [e for e in self._loaded.values() if not e.busy() and not self._waiters.get(e.key)]
+            if not idle:
+                log.info("%d models loaded (max_loaded_models %d), all in use: loading %s as well",
+                         len(self._loaded), self.max_loaded_models, target.name)
+                break
+            await self._unload(min(idle, key=lambda e: e.last_used), "max_loaded_models")
         while True:
             idle = [e for e in self._loaded.values() if not e.busy() and not self._waiters.get(e.key)]
             if not idle:
@@ -617,6 +654,11 @@ class ModelPool:
                 log.exception("closing %s", entry.model.name)
         if self._unloading:
             await asyncio.gather(*self._unloading, return_exceptions=True)
+
+
+def _use_template(model: Model, template: ChatTemplate) -> None:
+    """Render ``model``'s chats with ``template`` (``--chat-template``) instead of its own."""
+    model.engine.use_chat_template(template)
 
 
 # -- running requests on a pooled model ------------------------------------------------

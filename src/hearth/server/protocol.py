@@ -12,15 +12,16 @@ the fields the client set, so the model's and the front end's defaults fill the 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import logging
 import math
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..errors import BadRequest
-from ..types import GenerationParams
+from ..types import MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, GenerationParams, sampler_order
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,21 @@ class JsonSchemaFormat(_Request):
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+    # llama-server's shorter form: the schema right here, for json_object or json_schema
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
 
 
 def _response_format(fmt: ResponseFormat | None) -> dict[str, Any]:
     if fmt is None or fmt.type == "text":
         return {}
-    if fmt.type == "json_object":
-        return {"json_schema": {"type": "object"}}
-    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise BadRequest("response_format json_schema needs json_schema.schema")
-    return {"json_schema": fmt.json_schema.schema_}
+    if fmt.type == "json_object":  # any object, or the schema given with it (llama-server)
+        return {"json_schema": fmt.schema_ or {"type": "object"}}
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+    if schema is None:
+        schema = fmt.schema_
+    if schema is None:
+        raise BadRequest("response_format json_schema needs json_schema.schema (or schema)")
+    return {"json_schema": schema or {"type": "object"}}
 
 
 def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
@@ -91,7 +97,12 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
 
 # the OpenAI (and llama-server) fields that map one to one onto GenerationParams
 _OPENAI_SAME = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
-                "frequency_penalty", "seed", "stop", "ignore_eos", "grammar", "json_schema")
+                "frequency_penalty", "seed", "stop", "ignore_eos", "grammar", "json_schema",
+                "typical_p", "mirostat", "mirostat_tau", "mirostat_eta", "xtc_probability", "xtc_threshold",
+                "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers",
+                "dynatemp_range", "dynatemp_exponent", "top_n_sigma", "min_keep", "samplers")
+
+_Breaker = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_LENGTH)]
 
 
 class _Sampling(_Request):
@@ -119,12 +130,40 @@ class _Sampling(_Request):
     n_predict: int | None = Field(default=None, ge=-1)  # llama-server's max_tokens; -1: no limit
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
+    # llama-server's other samplers (same names, same meanings; GenerationParams checks the rest)
+    typical_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    mirostat: int | None = Field(default=None, ge=0, le=2)  # 0 off, 1 Mirostat, 2 Mirostat 2.0
+    mirostat_tau: float | None = Field(default=None, ge=0.0)
+    mirostat_eta: float | None = Field(default=None, ge=0.0)
+    xtc_probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    xtc_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    dry_multiplier: float | None = Field(default=None, ge=0.0)
+    dry_base: float | None = Field(default=None, ge=1.0)
+    dry_allowed_length: int | None = Field(default=None, ge=0)
+    dry_penalty_last_n: int | None = Field(default=None, ge=-1)  # -1: the whole context
+    dry_sequence_breakers: list[_Breaker] | None = Field(default=None, min_length=1, max_length=MAX_STOP_STRINGS)
+    dynatemp_range: float | None = Field(default=None, ge=0.0)
+    dynatemp_exponent: float | None = Field(default=None, ge=0.0)
+    top_n_sigma: float | None = None
+    min_keep: int | None = Field(default=None, ge=0)
+    samplers: Union[str, list[str], None] = None  # names, or a string of one-letter codes
+    n_probs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # llama-server's logprobs count
+
+    @field_validator("samplers")
+    @classmethod
+    def _known_samplers(cls, v: Union[str, list[str], None]) -> list[str] | None:
+        if v is None:
+            return None
+        try:
+            return sampler_order(v)
+        except BadRequest as e:
+            raise PydanticCustomError("value_error", e.message.removeprefix("samplers: ")) from None
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
     def _logprobs(self) -> int | None:
-        return None
+        return self.n_probs or None  # llama-server's n_probs: 0 means none
 
     def to_params(self) -> GenerationParams:
         kw: dict[str, Any] = {k: getattr(self, k) for k in _OPENAI_SAME if getattr(self, k) is not None}
@@ -163,6 +202,8 @@ class ChatCompletionRequest(_Sampling):
     def _logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true")
+        if self.logprobs is None:  # llama-server's n_probs, when OpenAI's fields are not given
+            return super()._logprobs()
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
@@ -174,7 +215,7 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
     def _logprobs(self) -> int | None:
-        return self.logprobs
+        return self.logprobs if self.logprobs is not None else super()._logprobs()
 
 
 class EmbeddingRequest(_Request):
@@ -202,11 +243,12 @@ _OLLAMA_OPTIONS = {
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
     "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+    "typical_p": "typical_p", "mirostat": "mirostat", "mirostat_tau": "mirostat_tau", "mirostat_eta": "mirostat_eta",
 }
 # accepted and not (yet) applied: loading is planned per model, not per request
 _OLLAMA_IGNORED = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap",
-                   "use_mlock", "numa", "low_vram", "typical_p", "penalize_newline", "mirostat",
-                   "mirostat_tau", "mirostat_eta", "tfs_z", "vocab_only", "f16_kv", "logits_all"}
+                   "use_mlock", "numa", "low_vram", "penalize_newline", "tfs_z", "vocab_only", "f16_kv",
+                   "logits_all"}
 
 
 def ollama_params(options: dict[str, Any] | None, fmt: Any = None, logprobs: int | None = None) -> GenerationParams:

@@ -25,6 +25,7 @@ from ..errors import BadRequest, HearthError
 from ..tools import ParsedOutput, Tool, ToolChoice, parse_tool_choice, parse_tools
 from ..types import GenerationParams, GenerationResult
 from . import work
+from .openai import server_limit
 from .pool import Lease, LeasedStream, ModelPool, merge_streams, until_disconnected, with_lease
 
 router = APIRouter(prefix="/v1")
@@ -193,7 +194,7 @@ async def responses(req: ResponsesRequest, request: Request) -> Any:
     msgs = to_messages(req)
     tools = to_tools(req.tools)
     choice = parse_tool_choice(req.tool_choice, tools)
-    params = _params(req)
+    params = server_limit(request, _params(req))
     effort = (req.reasoning or {}).get("effort")
     return await with_lease(_pool(request), req.model,
                             lambda lease: _respond(req, request, lease, msgs, tools, choice, params, effort))

@@ -35,10 +35,10 @@ class LlamaCppEngine:
 
     # -- text <-> tokens ------------------------------------------------------------
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise BadRequest("text must be a string")
-        tokens = self.model.tokenize(text, add_special=add_special, parse_special=True)
+        tokens = self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
         bos = self.model.bos
         if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
             tokens = tokens[1:]  # a template that writes its own BOS
@@ -47,9 +47,32 @@ class LlamaCppEngine:
     def detokenize(self, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)
 
+    def token_piece(self, token: int, special: bool = True) -> bytes:
+        if not 0 <= token < self.model.n_vocab:
+            raise BadRequest(f"token id {token} is outside the vocabulary (0..{self.model.n_vocab - 1})")
+        return self.model.special_piece(token) if special else self.model.token_bytes(token)
+
+    @property
+    def add_bos(self) -> bool:
+        return self.model.add_bos
+
+    @property
+    def special_texts(self) -> dict[str, str]:
+        """The BOS and EOS tokens' text ("" where the model has none)."""
+        return {"bos": self._bos_text, "eos": self._eos_text}
+
+    def fim_tokens(self) -> dict[str, int]:
+        return self.model.fim_tokens()
+
+    def slot_states(self) -> list[dict[str, Any]]:
+        return self.scheduler.slot_states()
+
     @property
     def chat_template(self) -> ChatTemplate:
         return self.template
+
+    def use_chat_template(self, template: ChatTemplate) -> None:
+        self.template = template
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
                     extra: Mapping[str, Any] | None = None) -> tuple[str, list[str]]:

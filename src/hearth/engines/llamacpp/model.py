@@ -151,6 +151,26 @@ class LlamaModel:
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
+    def special_piece(self, token: int) -> bytes:
+        """The bytes of a token with control tokens written out (``<|im_end|>``), as
+        llama.cpp's ``common_token_to_piece`` gives them to llama-server's routes."""
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def fim_tokens(self) -> dict[str, int]:
+        """The fill-in-the-middle tokens the vocabulary has: pre, suf, mid (needed),
+        rep, sep, pad (optional)."""
+        out = {}
+        for name in ("pre", "suf", "mid", "rep", "sep", "pad"):
+            tok = getattr(ll, f"llama_vocab_fim_{name}")(self.vocab)
+            if tok is not None and tok >= 0:
+                out[name] = int(tok)
+        return out
+
     def token_text(self, token: int) -> str:
         """The vocabulary entry of a token (special tokens too), e.g. ``<|im_end|>``."""
         raw = ll.llama_vocab_get_text(self.vocab, token)

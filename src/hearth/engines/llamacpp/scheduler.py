@@ -48,6 +48,7 @@ class Request:
     stream: bool = True  # False: no per-token events, only the final result
     notify: Callable[[], None] | None = None  # called after each event (asyncio wake-up)
     submitted: float = field(default_factory=time.perf_counter)
+    task_id: int = -1  # numbered by the scheduler on submit (llama-server's id_task)
     # filled in by the worker
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -190,6 +191,7 @@ class _Slot:
         self.seq_id = seq_id
         self.request: Request | None = None
         self.cache_tokens: list[int] = []  # what this sequence's KV cells hold
+        self.last: dict[str, Any] = {}  # the previous request's figures, for /slots
         self.reset()
 
     def reset(self) -> None:
@@ -227,6 +229,7 @@ class Scheduler:
         self._batch_cap = model.n_batch
         self._kv_full = False  # the last prompt chunk found no room in the KV cache
         self._eog: dict[int, bool] = {}  # token -> is end of generation, filled lazily
+        self._tasks = 0  # requests submitted so far
 
     # -- public ---------------------------------------------------------------------
 
@@ -237,7 +240,8 @@ class Scheduler:
         if n_prompt >= self.n_ctx_seq:
             raise ContextOverflow(
                 f"the prompt has {n_prompt} tokens but the context holds {self.n_ctx_seq} "
-                f"(at least 1 must be left to generate); shorten it or raise n_ctx"
+                f"(at least 1 must be left to generate); shorten it or raise n_ctx",
+                n_prompt_tokens=n_prompt, n_ctx=self.n_ctx_seq,
             )
         with self._cv:
             if self._closed:
@@ -250,6 +254,8 @@ class Scheduler:
                     f"too many requests waiting ({max(0, len(self._pending) - free)} queued, "
                     f"{len(self.slots) - free} running); try again later"
                 )
+            self._tasks += 1
+            request.task_id = self._tasks
             self._pending.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="hearth-scheduler", daemon=True)
@@ -268,6 +274,37 @@ class Scheduler:
     @property
     def active(self) -> int:
         return sum(1 for s in self.slots if s.busy)
+
+    def slot_states(self) -> list[dict[str, Any]]:
+        """Each slot as llama-server's ``GET /slots`` shows it (without the prompt and
+        generated text, which belong to whoever sent them): the running request's
+        figures, else the previous one's."""
+        with self._cv:
+            out = []
+            for s in self.slots:
+                st: dict[str, Any] = {"id": s.seq_id, "n_ctx": self.n_ctx_seq, "speculative": False,
+                                      "is_processing": s.busy}
+                req = s.request
+                if req is not None:
+                    n_prompt = len(req.prompt_tokens)
+                    st.update(self._figures(s, req, n_prompt - s.cached - len(s.todo), True))
+                else:
+                    st.update(s.last)
+                out.append(st)
+            return out
+
+    @staticmethod
+    def _figures(s: _Slot, req: Request, processed: int, running: bool) -> dict[str, Any]:
+        n_gen = len(s.generated)
+        remain = -1 if req.max_tokens is None else max(0, s.limit - n_gen)
+        return {
+            # as llama-server: the tokens the slot's cache holds (prompt, then generated)
+            "id_task": req.task_id, "n_prompt_tokens": len(s.cache_tokens),
+            "n_prompt_tokens_processed": processed, "n_prompt_tokens_cache": s.cached,
+            "params": {k: v for k, v in req.params.to_dict().items()
+                       if k not in ("grammar", "json_schema", "grammar_triggers", "logit_bias")},
+            "next_token": [{"has_next_token": running, "n_remain": remain, "n_decoded": n_gen}],
+        }
 
     def close(self) -> None:
         with self._cv:
@@ -604,7 +641,9 @@ class Scheduler:
             model=req.model_name,
             stop_sequence=s.matcher.matched if s.matcher else None,
             logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
+            slot=s.seq_id,
         )
+        s.last = self._figures(s, req, n_prompt - s.cached - len(s.todo), False)
         if error is not None:
             req.error = error
         elif reason == "cancelled":
