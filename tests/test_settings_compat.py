@@ -508,3 +508,18 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
         free = _free_port()
         line = _one_line_error(_hearth(tmp_path, "serve", "--port", str(free), "--ollama-port", str(port)))
         assert f"127.0.0.1:{port}" in line
+
+
+def test_a_chat_template_override_is_what_api_show_and_apply_template_see(smollm2_path):
+    import httpx
+    from test_server import _Server
+
+    from hearth.server import create_app
+
+    zephyr = BUILTINS["zephyr"].source
+    with _Server(create_app([str(smollm2_path)], load_options={"n_ctx": 256}, chat_template="zephyr")) as s:
+        shown = httpx.post(f"{s.url}/api/show", json={"model": "smollm2"}, timeout=60).json()["template"]
+        assert shown == zephyr
+        prompt = httpx.post(f"{s.url}/apply-template", json={"messages": [{"role": "user", "content": "hi"}]},
+                            timeout=60).json()["prompt"]
+        assert "<|user|>" in prompt and "<|im_start|>" not in prompt

@@ -287,7 +287,7 @@ def create_app(
 
     llama-server's switches: ``slots_endpoint`` serves ``GET /slots`` (on by default, as
     in the llama-server we vendor; it shows counts, never prompt or output text); ``n_predict`` caps the tokens of a request that sets no limit of its own
-    (llama-server's ``--n-predict``); ``chat_template`` (Jinja text) replaces the
+    (llama-server's ``--n-predict``); ``chat_template`` (Jinja text, or a built-in name such as ``chatml``) replaces the
     models' own templates (``--chat-template``/``--chat-template-file``)."""
     from ..config import load_config
     from .. import __version__

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -396,7 +397,10 @@ def capabilities(info: ModelInfo) -> list[str]:
 
 @router.post("/show")
 async def show(req: OllamaShowRequest, request: Request) -> JSONResponse:
-    info = await _info(_pool(request), req.model or req.name)
+    pool = _pool(request)
+    info = await _info(pool, req.model or req.name)
+    if pool.chat_template is not None:  # --chat-template: what every model renders with
+        info = dataclasses.replace(info, chat_template=pool.chat_template.source)
     return JSONResponse({
         "modelfile": f"FROM {info.path}\n",
         "parameters": "",

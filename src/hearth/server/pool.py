@@ -263,10 +263,10 @@ class ModelPool:
         # --chat-template: every model renders with this instead of its own (checked now, at startup)
         self.chat_template: ChatTemplate | None = None
         if chat_template:
-            from ..chat_templates import as_template
+            from ..chat_templates import as_template, resolve_chat_template
 
-            self.chat_template = as_template(chat_template)
-            self.chat_template.render([{"role": "user", "content": "hi"}])
+            # a built-in name (llama.cpp's: chatml, llama3, ...) or Jinja text, checked now
+            self.chat_template = as_template(resolve_chat_template(chat_template, "chat_template"))
         self.available_ram = available_ram or _available_ram
         self.free_vram = free_vram or _free_vram
         self.on_result: Callable[[str, GenerationResult], None] | None = None  # metrics hooks
