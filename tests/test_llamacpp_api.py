@@ -355,3 +355,14 @@ def test_loaded_models_carry_llama_servers_meta(hearth, ref):
     assert set(hm) >= set(rm) - {"vocab_type"}
     for k in ("n_vocab", "n_ctx", "n_ctx_train", "n_embd", "ftype"):
         assert hm[k] == rm[k], k
+
+
+def test_ignore_eos_bans_end_of_generation_tokens_as_llama_server(hearth, ref):
+    prompt = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
+    natural = httpx.post(f"{ref}/completion", json={"prompt": prompt, "n_predict": 40, **GREEDY}).json()
+    assert natural["stop_type"] == "eos"  # the model ends early by itself
+    body = {"prompt": prompt, "n_predict": natural["tokens_predicted"] + 8, "ignore_eos": True, **GREEDY}
+    h, r = both(hearth, ref, "POST", "/completion", json=body)
+    hj, rj = h.json(), r.json()
+    assert hj["stop_type"] == rj["stop_type"] == "limit"
+    assert hj["content"] == rj["content"] and "<|im_end|>" not in hj["content"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, Iterator, Mapping, Sequence
 
 from ...chat import ChatTemplate, template_for
@@ -97,6 +98,9 @@ class LlamaCppEngine:
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if any((not isinstance(t, int)) or t < 0 or t >= self.model.n_vocab for t in tokens):
             raise BadRequest(f"prompt token ids must be in 0..{self.model.n_vocab - 1}")
+        if params.ignore_eos:  # as llama-server: end-of-generation tokens are never sampled
+            ban = dict.fromkeys(self.model.eog_tokens, -math.inf)
+            params = params.updated(logit_bias={**params.logit_bias, **ban})
         req = Request(
             prompt_tokens=tokens,
             params=params,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import threading
@@ -178,6 +179,11 @@ class LlamaModel:
 
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    @functools.cached_property
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token of the vocabulary (EOS, EOT, <|im_end|>, ...)."""
+        return tuple(t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t))
 
     # -- KV memory ------------------------------------------------------------------
 
