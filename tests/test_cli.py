@@ -266,11 +266,11 @@ BAD_INPUTS: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "safetensors-file": (lambda f: ["run", str(f["safetensors"]), "-p", "hi"], "convert_hf_to_gguf"),
     "unknown-model-name": (lambda f: ["run", "nosuchmodel", "-p", "hi"], "smollm2"),
     "prompt-longer-than-context": (lambda f: ["run", "-p", LONG_PROMPT, "--n-ctx", "256", "--max-tokens", "8"], "context"),
-    "negative-max-tokens": (lambda f: ["run", "-p", "hi", "--max-tokens", "-2", *CTX], "max_tokens"),
+    "negative-max-tokens": (lambda f: ["run", "-p", "hi", "--max-tokens", "-2", *CTX], "--max-tokens"),
     "negative-temperature": (lambda f: ["run", "-p", "hi", "--temperature", "-0.5", *CTX], "temperature"),
     "json-schema-not-json": (lambda f: ["run", "-p", "hi", "--json-schema", "not json", *CTX], "json-schema"),
-    "zero-context": (lambda f: ["run", "-p", "hi", "--n-ctx", "0"], "n_ctx"),
-    "negative-threads": (lambda f: ["run", "-p", "hi", "--threads", "-2", *CTX], "n_threads"),
+    "zero-context": (lambda f: ["run", "-p", "hi", "--n-ctx", "0"], "--n-ctx"),  # the flag, as typed
+    "negative-threads": (lambda f: ["run", "-p", "hi", "--threads", "-2", *CTX], "--threads"),
     "info-on-corrupt-gguf": (lambda f: ["info", str(f["corrupt"])], "corrupt.gguf"),
 }
 

@@ -535,12 +535,16 @@ def get_model_info(model: Model | str | os.PathLike[str] | ResolvedModel | None 
     return inspect_model(resolve_model(model).path)
 
 
-def plan_model(model: Model | str | os.PathLike[str] | ResolvedModel | None = None, **wishes: Any) -> LoadPlan:
+def plan_model(model: Model | ModelInfo | str | os.PathLike[str] | ResolvedModel | None = None,
+               **wishes: Any) -> LoadPlan:
     """The LoadPlan hearth would use for this model on this machine (a loaded ``Model``
-    without wishes: the plan it was loaded with)."""
+    without wishes: the plan it was loaded with). A ``ModelInfo`` plans without a file:
+    one built from the catalog's facts answers for a model not downloaded yet."""
     model = _model_arg(model, wishes)
     cfg = load_config()
-    if isinstance(model, Model):
+    if isinstance(model, ModelInfo):
+        info, load = model, {}
+    elif isinstance(model, Model):
         if not wishes:
             return model.plan
         info, load = model.info, {}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 
 TYPE_CHECKING = False  # `hearth run` on the daemon imports nothing it does not use
 if TYPE_CHECKING:
-    from typing import Any, Sequence
+    from typing import Any, NoReturn, Sequence
 
 from .errors import HearthError
 
@@ -24,6 +25,55 @@ def _gib(n: int) -> str:
 
 
 # -- arguments ------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with hearth's errors: one line, the flag as the user typed it, a "did you
+    mean" for a mistyped command or flag, and where to read more, not a usage block."""
+
+    argv: Sequence[str] = ()  # the command line being parsed (set by main), to name flags as typed
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        import re
+
+        m = re.match(r"argument (\S+): invalid choice: '([^']*)'", message)
+        names = _command_names(self)
+        if m and names:
+            word = m.group(2)
+            what = f"command {word!r}" if self.prog == PROG else f"action {word!r} for {self.prog}"
+            close = _close(word, names)
+            hint = f"; did you mean {close}?" if close else f" (one of: {', '.join(names)})"
+            self.exit(2, f"{PROG}: error: unknown {what}{hint}\n")
+        m = re.match(r"argument (\S+?): (.*)", message, re.S)
+        if m:  # "argument --threads/-t: invalid int value" -> "--threads: invalid int value"
+            message = f"{_typed(m.group(1).split('/'), self.argv)}: {m.group(2)}"
+        self.exit(2, f"{PROG}: error: {' '.join(message.split())}; see {self.prog} --help\n")
+
+
+def _command_names(p: argparse.ArgumentParser) -> list[str]:
+    """The visible subcommands of ``p`` (aliases included)."""
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            visible = {id(a.choices[c.dest]) for c in a._choices_actions}
+            return [n for n, sub in a.choices.items() if id(sub) in visible]
+    return []
+
+
+def _close(word: str, names: Sequence[str]) -> str | None:
+    import difflib
+
+    hit = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    return hit[0] if hit else None
+
+
+def _typed(flags: Sequence[str], argv: Sequence[str]) -> str:
+    """Of an option's spellings, the one on the command line (else its first long one)."""
+    for tok in argv:
+        for f in flags:
+            if tok == f or (f.startswith("--") and tok.startswith(f + "=")) or (
+                    not f.startswith("--") and len(f) == 2 and tok.startswith(f) and not tok.startswith("--")):
+                return f
+    return next((f for f in flags if f.startswith("--")), flags[0])
 
 
 def _arg_type(convert_name: str):
@@ -71,10 +121,11 @@ def _gen_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", "-n", type=int, default=None,
                    help="tokens to generate at most (default: the model's own, else 512; -1: no limit)")
     g.add_argument("--temperature", "--temp", type=float, default=None, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repeat-penalty", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the tokens within this probability mass")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this fraction of the most likely one")
+    g.add_argument("--repeat-penalty", type=float, default=None, help="penalise repeated tokens (1: off)")
     g.add_argument("--seed", type=int, default=None, help="same seed, same output")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--grammar", default=None, help="GBNF grammar text, or @FILE")
@@ -82,7 +133,7 @@ def _gen_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Run local LLMs on llama.cpp with zero configuration.")
+    p = _Parser(prog=PROG, description="Run local LLMs on llama.cpp with zero configuration.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log detail (-vv: llama.cpp's log too)")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -93,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-p", "--prompt", help="the prompt")
     r.add_argument("--raw", action="store_true", help="complete the prompt as-is, without the chat template")
     r.add_argument("--system", help="system message")
+    r.add_argument("--verbose", dest="stats", action="store_true",
+                   help="after each answer, print token counts, speeds and timings (as ollama run --verbose)")
     r.add_argument("--json", action="store_true", help="print one JSON object: text, finish_reason, usage, timings")
     _daemon_flag(r)
     _gen_flags(r)
@@ -101,23 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat (/bye to leave)")
     c.add_argument("model", nargs="?", help="path to a .gguf or a known name")
     c.add_argument("--system", help="system message")
+    c.add_argument("--verbose", dest="stats", action="store_true",
+                   help="after each answer, print token counts, speeds and timings (as ollama run --verbose)")
     _daemon_flag(c)
     _gen_flags(c)
     _load_flags(c)
 
-    i = sub.add_parser("info", help="what a model is, and how hearth would load it here")
-    i.add_argument("model", nargs="?", help="path to a .gguf or a known name")
-    i.add_argument("--json", action="store_true")
-    _load_flags(i)
+    _info_args(sub.add_parser("info", help="what a model is, and how hearth would load it here "
+                              "(a catalog model not pulled yet: from the catalog's facts)"))
 
     b = sub.add_parser("bench", help="prompt and generation speed, ttft and peak memory")
     b.add_argument("model", nargs="?", help="path to a .gguf or a known name")
     b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (default 512)")
     b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (default 128)")
-    b.add_argument("-r", "--repetitions", type=int, default=3)
+    b.add_argument("-r", "--repetitions", type=int, default=3, help="runs of each measurement (default 3)")
     b.add_argument("--concurrency", "-c", default=None,
                    help="comma-separated levels, e.g. 1,2,4,8,16: aggregate tokens/s with that many requests at once")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
     _load_flags(b)
 
     sv = sub.add_parser("serve", help="serve the OpenAI- and Ollama-compatible HTTP API",
@@ -163,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accepted: every model serves embeddings here (/v1/embeddings, /embedding, /api/embed)")
     ls.add_argument("--pooling", metavar="TYPE",
                     help="embedding pooling: only mean (what hearth does) is available")
+    sv.add_argument("--quiet", "-q", action="store_true",
+                    help="no request log (one line per request on stderr; also HEARTH_REQUEST_LOG=0)")
     _load_flags(sv)
 
     d = sub.add_parser("daemon", help="keep models loaded in a background server, so run/chat start at once")
@@ -171,30 +226,95 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--model", "-m", dest="models", action="append", default=[], help="load this model (repeatable)")
     _load_flags(ds)
     dst = dsub.add_parser("status", help="pid, socket, uptime and loaded models (exit 1 when not running)")
-    dst.add_argument("--json", action="store_true")
+    dst.add_argument("--json", action="store_true", help="print the status as JSON")
     dsp = dsub.add_parser("stop", help="stop after in-flight requests finish")
     dsp.add_argument("--timeout", type=float, default=None, help="seconds to wait before killing it")
     dsub.add_parser("reload", help="re-read the config and reload the models; running requests finish first")
-    df = dsub.add_parser(SERVE_FOREGROUND, help=argparse.SUPPRESS)
-    df.add_argument("--model", "-m", dest="models", action="append", default=[])
+    df = dsub.add_parser(SERVE_FOREGROUND)  # the daemon's own process; no help: not listed
+    df.add_argument("--model", "-m", dest="models", action="append", default=[], help="load this model (repeatable)")
     _load_flags(df)
 
     m = sub.add_parser("models", help="pull, list, remove and recommend models")
     msub = m.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    mp = msub.add_parser("pull", help="download a catalog model (NAME[:QUANT]) or hf.co/ORG/REPO[:QUANT]")
-    mp.add_argument("names", nargs="+", metavar="NAME")
-    ml = msub.add_parser("list", help="models that run without a download (embedded, pulled, Ollama's)")
-    ml.add_argument("--catalog", action="store_true", help="list the catalog instead: what can be pulled")
-    ml.add_argument("--json", action="store_true")
-    mr = msub.add_parser("rm", help="delete a model hearth pulled")
-    mr.add_argument("names", nargs="+", metavar="NAME")
+    _pull_args(msub.add_parser("pull", help=PULL_HELP))
+    _list_args(msub.add_parser("list", help=LIST_HELP))
+    _rm_args(msub.add_parser("rm", help=RM_HELP))
     mc = msub.add_parser("recommend", help="the best catalog model for this machine, and why")
     mc.add_argument("--code", action="store_true", help="a model for code rather than chat")
-    mc.add_argument("--json", action="store_true")
+    mc.add_argument("--refresh", action="store_true",
+                    help="measure the memory bandwidth again (it is measured once per machine and cached)")
+    mc.add_argument("--json", action="store_true", help="print the recommendation as JSON")
 
     cf = sub.add_parser("config", help="show each effective setting and where it came from")
-    cf.add_argument("--json", action="store_true")
+    cf.add_argument("--json", action="store_true", help="print the settings as JSON")
+
+    # Ollama's verbs, for the same commands
+    _pull_args(sub.add_parser("pull", help=f"{PULL_HELP} (= models pull)"))
+    _list_args(sub.add_parser("list", aliases=["ls"], help=f"{LIST_HELP} (= models list)"))
+    _rm_args(sub.add_parser("rm", help=f"{RM_HELP} (= models rm)"))
+    _info_args(sub.add_parser("show", help="what a model is, and how hearth would load it here (= info)"))
+    ps = sub.add_parser("ps", help="the models loaded in the daemon (or the server at --host): memory, "
+                        "context, until when they stay loaded")
+    _host_flag(ps)
+    ps.add_argument("--json", action="store_true", help="print the server's /api/ps answer")
+    st = sub.add_parser("stop", help="unload a model from the daemon (or the server at --host) now")
+    st.add_argument("model", metavar="MODEL", help="the name `hearth ps` shows")
+    _host_flag(st)
+
+    co = sub.add_parser("completion", help="print a shell completion script (bash, zsh or fish)",
+                        description="Print a completion script. bash: eval \"$(hearth completion bash)\" in "
+                        "~/.bashrc; zsh: eval \"$(hearth completion zsh)\" in ~/.zshrc after compinit; fish: "
+                        "hearth completion fish > ~/.config/fish/completions/hearth.fish")
+    co.add_argument("shell", choices=("bash", "zsh", "fish"), help="the shell: bash, zsh or fish")
+    _verbose_after(p)
     return p
+
+
+PULL_HELP = "download a catalog model (NAME[:QUANT]) or hf.co/ORG/REPO[:QUANT]"
+LIST_HELP = "models that run without a download (embedded, pulled, Ollama's)"
+RM_HELP = "delete a model hearth pulled"
+
+
+def _pull_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(models_command="pull")
+    p.add_argument("names", nargs="+", metavar="NAME", help="NAME[:QUANT] from the catalog, or hf.co/ORG/REPO[:QUANT]")
+
+
+def _list_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(models_command="list")
+    p.add_argument("--catalog", action="store_true", help="list the catalog instead: what can be pulled")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+
+def _rm_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(models_command="rm")
+    p.add_argument("names", nargs="+", metavar="NAME", help="a model `hearth list` shows as pulled")
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="path to a .gguf or a known name (default: the configured model)")
+    p.add_argument("--json", action="store_true", help="print model, hardware and plan as JSON")
+    _load_flags(p)
+
+
+def _host_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=None, metavar="HOST[:PORT]|URL",
+                   help="ask the hearth (or Ollama) server there instead of the daemon (port default 11435)")
+
+
+def _verbose_after(p: argparse.ArgumentParser) -> None:
+    """``-v`` after any subcommand too (``hearth serve -v``), counted with the one before it.
+    ``run`` and ``chat`` take ``-v`` only: their ``--verbose`` prints timing statistics."""
+    for a in p._actions:
+        if not isinstance(a, argparse._SubParsersAction):
+            continue
+        for name, sub in a.choices.items():
+            flags = [f for f in ("-v", "--verbose") if f not in sub._option_string_actions
+                     and not (f == "--verbose" and name in ("run", "chat"))]
+            if "-v" in flags:
+                sub.add_argument(*flags, dest="verbose_after", action="count", default=argparse.SUPPRESS,
+                                 help="log detail (-vv: llama.cpp's log too)")
+            _verbose_after(sub)
 
 
 def _version() -> str:
@@ -283,7 +403,25 @@ def _load(args: argparse.Namespace):
     ):
         # one user at a terminal: one slot, so start-up does not clear KV cells for four
         wishes["parallel"] = 1
-    return load_model(_resolve(args.model), **wishes)
+    model = load_model(_resolve(args.model), **wishes)
+    _gpu_note(wishes, model.hardware.gpus)
+    return model
+
+
+def _gpu_note(wishes: dict[str, Any], gpus: Any) -> None:
+    """Say once that ``--gpu-layers`` does nothing on a machine llama.cpp sees no GPU on."""
+    if wishes.get("n_gpu_layers") not in (None, 0) and not gpus:
+        _say(f"note: {_typed(['--gpu-layers', '--n-gpu-layers', '-ngl'], _Parser.argv)} has no effect: "
+             "llama.cpp has no GPU backend here; running on the CPU")
+
+
+def _note(note: str, args: argparse.Namespace) -> str:
+    """A planner note that starts with a setting the user gave as a flag names the flag."""
+    if note.split(" ", 1)[0] not in _load_wishes(args):
+        return note
+    p = _Parser(prog=PROG)
+    _load_flags(p)
+    return _flag_message(note, p, _Parser.argv)
 
 
 def _resolve(model: str | None):
@@ -308,12 +446,27 @@ def _stream_out(chunks) -> Any:
             out.flush()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _read_prompt(args: argparse.Namespace) -> str | None:
+    """``-p`` or the words after the model, then piped stdin after a blank line
+    (``git diff | hearth run -p "Review this:"``, as llm and Ollama take both); stdin
+    alone when no prompt is given; None (chat) when stdin is a terminal and no prompt is
+    given. An empty prompt is an error, not a request for nothing."""
+    from .errors import BadRequest
+
     prompt = args.prompt
     if prompt is None and args.prompt_words:
         prompt = " ".join(args.prompt_words)
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+    piped = None if sys.stdin.isatty() else sys.stdin.read()
+    if prompt is None and piped is None:
+        return None
+    parts = [t for t in (prompt, piped) if t and t.strip()]
+    if not parts:
+        raise BadRequest("the prompt is empty: give it with -p, as words after the model, or on stdin")
+    return "\n\n".join(parts)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    prompt = _read_prompt(args)
     if prompt is None:
         return cmd_chat(args)
     client = _daemon_client(args)
@@ -334,10 +487,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = model.generate_text(text, gcfg)
             print(json.dumps(result.to_dict(), ensure_ascii=False))
         else:
-            _stream_out(model.stream_text(text, gcfg))
+            result = _stream_out(model.stream_text(text, gcfg))
+            if getattr(args, "stats", False) and result is not None:
+                _print_stats(result.to_dict())
     finally:
         model.close()
     return 0
+
+
+def _print_stats(result: dict[str, Any]) -> None:
+    from .chatloop import stats_lines
+
+    sys.stdout.flush()
+    print("\n".join(stats_lines(result)), file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -346,16 +508,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         with client:
             return _chat_on_daemon(client, args)
     _setup_logging(args.verbose)
-    cfg = _gen_config(args)
+    from .chatloop import ModelBackend, split_settings
+
+    _gen_config(args)  # validate before loading anything
+    base, settings = split_settings(_gen_kwargs(args))
     model = _load(args)
-
-    def answer(history: list[dict[str, str]]) -> str:
-        text, gcfg = model.chat_prompt(history, cfg, "cli")
-        result = _stream_out(model.stream_text(text, gcfg))
-        return result.text if result else ""
-
     try:
-        return _chat_loop(args, f"{model.name} · n_ctx {model.plan.n_ctx}", answer)
+        return _chat_loop(args, ModelBackend(model, base), settings)
     finally:
         model.close()
 
@@ -400,8 +559,9 @@ def _model_spec(model: str | None) -> str | None:
     return model
 
 
-def _daemon_stream(client, request: dict[str, Any], echo: bool) -> dict[str, Any]:
-    """Stream one generation from the daemon; returns its result (GenerationResult.to_dict())."""
+def _daemon_stream(client, request: dict[str, Any], echo: bool, on_text=None) -> dict[str, Any]:
+    """Stream one generation from the daemon; returns its result (GenerationResult.to_dict()).
+    ``echo`` prints the text and a newline; ``on_text`` gets each piece instead."""
     from .client import DaemonError
 
     out = sys.stdout
@@ -412,7 +572,9 @@ def _daemon_stream(client, request: dict[str, Any], echo: bool) -> dict[str, Any
                     out.write("\n")
                     out.flush()
                 return event["result"]
-            if echo:
+            if on_text is not None:
+                on_text(event["text"])
+            elif echo:
                 out.write(event["text"])
                 out.flush()
     except DaemonError as e:
@@ -439,52 +601,41 @@ def _run_on_daemon(client, args: argparse.Namespace, prompt: str) -> int:
     result = _daemon_stream(client, request, echo=not args.json)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
+    elif getattr(args, "stats", False):
+        _print_stats(result)
     return 0
 
 
 def _chat_on_daemon(client, args: argparse.Namespace) -> int:
-    kw = _gen_kwargs(args)
-    model = _model_spec(args.model)
+    from .chatloop import DaemonBackend, split_settings
 
-    def answer(history: list[dict[str, str]]) -> str:
-        result = _daemon_stream(client, {"model": model, "messages": history, "config": kw}, echo=True)
-        return result.get("text", "")
+    base, settings = split_settings(_gen_kwargs(args))
 
-    return _chat_loop(args, f"{args.model or 'default model'} · on the daemon", answer)
+    def connect():
+        from .client import DaemonClient
+
+        c = DaemonClient.connect(timeout=DAEMON_PROBE_SECONDS)
+        if c is not None:
+            c.sock.settimeout(DAEMON_READ_SECONDS)
+        return c
+
+    def stream(c, request: dict[str, Any], on_text) -> dict[str, Any]:
+        return _daemon_stream(c, request, echo=False, on_text=on_text)
+
+    backend = DaemonBackend(client, _model_spec(args.model), base,
+                            f"{args.model or 'default model'} · on the daemon", connect, stream)
+    try:
+        return _chat_loop(args, backend, settings)
+    finally:
+        backend.close()
 
 
-def _chat_loop(args: argparse.Namespace, banner: str, answer) -> int:
-    """Read lines, keep the history, let ``answer(history)`` stream each reply."""
-    history: list[dict[str, str]] = []
-    if getattr(args, "system", None):
-        history.append({"role": "system", "content": args.system})
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"{banner} · /bye to leave, /clear to forget", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> " if interactive else "")
-        except EOFError:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/bye", "/exit", "/quit"):
-            break
-        if line == "/clear":
-            history = [m for m in history if m["role"] == "system"]
-            continue
-        history.append({"role": "user", "content": line})
-        try:
-            reply = answer(history)
-        except HearthError as e:
-            history.pop()
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            if isinstance(e, _DaemonRefused) and e.exit_code == 1:  # the daemon is gone
-                return 1
-            continue
-        history.append({"role": "assistant", "content": reply})
-    return 0
+def _chat_loop(args: argparse.Namespace, backend, settings: dict[str, Any]) -> int:
+    """The terminal chat (hearth.chatloop), the same for a model here and on the daemon."""
+    from .chatloop import Chat
+
+    return Chat(backend, system=getattr(args, "system", None), settings=settings,
+                verbose=getattr(args, "stats", False)).run()
 
 
 # -- the daemon ---------------------------------------------------------------------------
@@ -548,11 +699,153 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     raise AssertionError(action)  # pragma: no cover - argparse allows only the above
 
 
+# -- Ollama's ps and stop: the daemon's (or a server's) /api routes ------------------------
+
+
+def _base_url(host: str) -> str:
+    """``HOST``, ``HOST:PORT``, ``[V6]:PORT`` or ``http(s)://HOST:PORT`` -> a base URL (port 11435
+    when none is written, hearth's default)."""
+    from .config import ollama_host
+    from .errors import BadRequest
+
+    try:
+        h, port = ollama_host(host)
+    except ValueError as e:
+        raise BadRequest(f"--host: {e}") from None
+    scheme = "https" if host.strip().lower().startswith("https://") else "http"
+    return f"{scheme}://{f'[{h}]' if ':' in h else h}:{port or 11435}"
+
+
+def _server_json(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """A JSON answer from the daemon (on its socket), or from the server at ``--host``."""
+    if args.host is None:
+        from .client import DaemonClient, DaemonError
+
+        client = DaemonClient.connect(timeout=DAEMON_PROBE_SECONDS)
+        if client is None:
+            raise _DaemonRefused("the daemon is not running (`hearth daemon start`), or give --host for a server",
+                                 500)
+        with client:
+            client.sock.settimeout(DAEMON_READ_SECONDS)
+            try:
+                return client.get_json(path) if method == "GET" else client.post_json(path, body)
+            except DaemonError as e:
+                raise _DaemonRefused(e.message, e.status) from None
+            except (OSError, ValueError) as e:
+                raise _DaemonRefused(f"lost the daemon: {e or type(e).__name__}", 500) from None
+    import urllib.error
+    import urllib.request
+
+    from .config import load_config
+
+    url = _base_url(args.host) + path
+    headers = {"Content-Type": "application/json"}
+    key = load_config().api_key
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=DAEMON_READ_SECONDS) as resp:  # the URL the user gave
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            err = json.loads(e.read()).get("error")
+            msg = err.get("message") if isinstance(err, dict) else err
+        except (ValueError, AttributeError):
+            msg = None
+        raise _DaemonRefused(f"{url}: {msg or f'HTTP {e.code}'}", e.code) from None
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise _DaemonRefused(f"cannot reach {url}: {reason}", 500) from None
+
+
+def _until(expires_at: str | None) -> str:
+    from datetime import datetime, timezone
+
+    if not expires_at or expires_at.startswith("2318-"):  # Ollama's "never"
+        return "forever"
+    try:
+        t = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    except ValueError:
+        return expires_at
+    left = (t - datetime.now(timezone.utc)).total_seconds()
+    return "now" if left < 1 else f"{_ago(left)} from now"
+
+
+def _processor(size: int, vram: int) -> str:
+    if not vram:
+        return "CPU"
+    if vram >= size:
+        return "GPU"
+    gpu = round(100 * vram / size)
+    return f"{100 - gpu}%/{gpu}% CPU/GPU"
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    ps = _server_json(args, "GET", "/api/ps")
+    if args.json:
+        print(json.dumps(ps, indent=2))
+        return 0
+    rows = [(m.get("name", "?"), _gib(int(m.get("size") or 0)),
+             _processor(int(m.get("size") or 0), int(m.get("size_vram") or 0)),
+             str(m.get("context_length") or "-"), _until(m.get("expires_at"))) for m in ps.get("models", [])]
+    _table(("NAME", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"), rows)
+    return 0
+
+
+def _loaded_as(model: str, loaded: dict[str, str]) -> str | None:
+    """The loaded name ``model`` stands for: its canonical name here (``smollm2`` ->
+    ``smollm2:135m``), else the one loaded name with that base (Ollama's ``NAME`` for
+    ``NAME:TAG``)."""
+    from .store import resolve_model
+
+    try:
+        canon = resolve_model(model, pull=False, announce=None).name.lower()
+    except HearthError:
+        canon = None
+    if canon in loaded:
+        return loaded[canon]
+    base = [v for k, v in loaded.items() if k.split(":", 1)[0] == model.strip().lower()]
+    return base[0] if len(base) == 1 else None
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Unload now, as ``ollama stop`` does: a generate request with no prompt and keep_alive 0.
+    Only a loaded model is asked for, so a mistyped name never loads anything."""
+    from .errors import ModelNotFound
+
+    loaded = {m["name"].lower(): m["name"] for m in _server_json(args, "GET", "/api/ps").get("models", [])}
+    name = loaded.get(args.model.strip().lower()) or _loaded_as(args.model, loaded)
+    if name is None:
+        where = args.host or "the daemon"
+        raise ModelNotFound(f"{args.model} is not loaded in {where}"
+                            + (f" (loaded: {', '.join(loaded.values())})" if loaded else " (no model is loaded)"))
+    _server_json(args, "POST", "/api/generate", {"model": name, "keep_alive": 0})
+    print(f"unloaded {name}")
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import script
+
+    sys.stdout.write(script(args.shell, build_parser(), PROG))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .api import get_model_info, plan_model
+    from .errors import ModelNotFound
     from .hardware import detect_hardware
+    from .store import resolve_model
 
-    resolved = _resolve(args.model)
+    try:  # never a download: a catalog model not pulled yet is described from the catalog
+        resolved = resolve_model(args.model, pull=False, announce=_say)
+    except ModelNotFound:
+        hit = _catalog_entry(args.model)
+        if hit is None:
+            raise
+        return _info_from_catalog(args, *hit)
     info = get_model_info(resolved)
     hw = detect_hardware()
     plan = plan_model(resolved, **_load_wishes(args))
@@ -563,7 +856,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("file", str(info.path)),
         ("name", info.name or "-"),
         ("architecture", info.architecture),
-        ("parameters", f"{info.parameters / 1e6:.1f} M" if info.parameters < 1e9 else f"{info.parameters / 1e9:.2f} B"),
+        ("parameters", _params(info.parameters)),
         ("quantization", f"{info.quantization} ({info.bits_per_weight:.2f} bits/weight)"),
         ("file size", _gib(info.file_size)),
         ("context (trained)", str(info.context_length)),
@@ -573,11 +866,35 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("vocabulary", str(info.vocab_size)),
         ("chat template", "embedded" if info.has_chat_template else "none (fallback for its family)"),
         ("", ""),
-        ("machine", f"{hw.physical_cores} cores, {_gib(hw.available_ram)} of {_gib(hw.total_ram)} RAM free"
-         + "".join(f", {g.name} {_gib(g.free_memory)} free" for g in hw.gpus)),
+        *_plan_rows(plan, hw, info.block_count),
+    ]
+    _print_rows(rows)
+    for n in plan.notes:
+        print(f"note: {_note(n, args)}")
+    return 0
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n < 1e9 else f"{n / 1e9:.2f} B"
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}" if k else "")
+
+
+def _machine_row(hw: Any) -> tuple[str, str]:
+    return ("machine", f"{hw.physical_cores} cores, {_gib(hw.available_ram)} of {_gib(hw.total_ram)} RAM free"
+            + "".join(f", {g.name} {_gib(g.free_memory)} free" for g in hw.gpus))
+
+
+def _plan_rows(plan: Any, hw: Any, block_count: int) -> list[tuple[str, str]]:
+    return [
+        _machine_row(hw),
         ("plan: n_ctx", f"{plan.n_ctx} per request"),
         ("plan: slots", f"{plan.parallel} concurrent requests"),
-        ("plan: gpu layers", f"{plan.n_gpu_layers} of {info.block_count + 1}"),
+        ("plan: gpu layers", f"{plan.n_gpu_layers} of {block_count + 1}"),
         ("plan: threads", str(plan.n_threads)),
         ("plan: batch / ubatch", f"{plan.n_batch} / {plan.n_ubatch}"),
         ("plan: kv cache", plan.kv_type),
@@ -586,11 +903,84 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("memory: compute", _gib(plan.memory.compute_ram + plan.memory.compute_vram + plan.memory.output_ram)),
         ("memory: total", f"{_gib(plan.memory.ram)} RAM" + (f" + {_gib(plan.memory.vram)} VRAM" if plan.memory.vram else "")),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}" if k else "")
-    for n in plan.notes:
-        print(f"note: {n}")
+
+
+def _catalog_entry(model: str | None):
+    """(CatalogModel, CatalogQuant) when ``model`` (default: the configured one) is a catalog name."""
+    from .config import load_config
+    from .store.catalog import load_catalog
+
+    return load_catalog().lookup(model if model else load_config().model)
+
+
+def _info_from_catalog(args: argparse.Namespace, cm: Any, q: Any) -> int:
+    """``info`` for a catalog model that is not pulled: its catalog facts, and the plan
+    for this machine from them (the planner takes a ModelInfo built from the catalog, as
+    ``models recommend`` does), or a size-based estimate where the catalog has no
+    architecture facts. Nothing is downloaded."""
+    from .api import plan_model
+    from .errors import DoesNotFit
+    from .hardware import detect_hardware
+    from .planner import RAM_HEADROOM, VRAM_HEADROOM, memory_budget
+    from .store.local import catalog_ref
+    from .store.recommend import has_arch_facts, size_based_need, synthetic_info
+
+    ref = catalog_ref(cm, q.quant)
+    pull = f"{PROG} pull {ref}"
+    hw = detect_hardware()
+    plan, reason, need = None, None, None
+    if has_arch_facts(cm):
+        estimate = "planner"
+        try:
+            plan = plan_model(synthetic_info(cm, q), **_load_wishes(args))
+        except DoesNotFit as e:
+            reason = e.message
+    else:
+        estimate = "size"
+        need = size_based_need(cm, q)
+        budget = max(memory_budget(hw.total_ram, hw.available_ram, RAM_HEADROOM),
+                     sum(memory_budget(g.total_memory, g.free_memory, VRAM_HEADROOM) for g in hw.gpus))
+        if need > budget:
+            reason = f"needs about {_gib(need)}, {_gib(budget)} available (after headroom)"
+    fits = reason is None
+    a = cm.arch
+    if args.json:
+        print(json.dumps({
+            "model": {"name": ref, "catalog_name": cm.name, "description": cm.description, "family": cm.family,
+                      "parameters": cm.parameters, "quantization": q.quant, "size": q.size,
+                      "quants": list(cm.quants), "context_length": cm.context_length, "license": cm.license,
+                      "repo": cm.repo, "files": list(q.files), "tags": list(cm.tags), "arch": dict(a)},
+            "pulled": False, "pull": pull, "estimate": estimate, "fits": fits, "reason": reason,
+            "memory_estimate": need if need is not None else (plan.memory.ram + plan.memory.vram if plan else None),
+            "hardware": hw.to_dict(), "plan": plan.to_dict() if plan else None,
+        }, indent=2))
+        return 0
+    others = [t for t in cm.quants if t != q.quant]
+    rows = [
+        ("name", f"{ref} (in the catalog, not pulled: `{pull}` downloads it)"),
+        ("description", cm.description or "-"),
+        ("family", cm.family),
+        ("parameters", _params(cm.parameters) if cm.parameters else "?"),
+        ("quantization", q.quant + (f" (also {', '.join(others)})" if others else "")),
+        ("download size", _gib(q.size) if q.size else "?"),
+        ("context (trained)", str(cm.context_length or "?")),
+    ]
+    if estimate == "planner":
+        rows += [("layers", str(a["layers"])), ("embedding", str(a["embedding"])),
+                 ("heads / kv heads", f"{a['heads']} / {a.get('kv_heads') or a['heads']}")]
+    rows += [("license", cm.license), ("repo", f"hf.co/{cm.repo}"), ("", "")]
+    if plan is not None:
+        rows += _plan_rows(plan, hw, a["layers"])
+    else:
+        rows.append(_machine_row(hw))
+        if need is not None:
+            rows.append(("memory: total", f"about {_gib(need)} (from the download size: the catalog lists "
+                                          "no architecture facts)"))
+    rows.append(("fits here", "yes" if fits else f"no: {reason}"))
+    _print_rows(rows)
+    for n in plan.notes if plan else ():
+        print(f"note: {_note(n, args)}")
+    print(f"note: estimated from the catalog's facts; nothing was downloaded. Pull it with: {pull}")
     return 0
 
 
@@ -712,6 +1102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise BadRequest(f"--n-predict must be -1 (no limit) or >= 0, got {args.n_predict}")
     n_predict = None if args.n_predict in (None, -1) else args.n_predict
     wishes = _serve_wishes(args, cfg)
+    if wishes.get("n_gpu_layers"):
+        from .hardware import detect_hardware
+
+        _gpu_note(wishes, detect_hardware().gpus)
     template = _serve_chat_template(args)
     models = list(args.models)
     if not models and cfg.sources["model"].startswith("env:"):
@@ -752,12 +1146,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             try:
                 sockets.append(bind(h, p))
             except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    flag = "--port" if p == cfg.port else "--ollama-port"
+                    on = f" on {h}" if len(hosts) > 1 else ""
+                    raise BadRequest(f"port {p} is in use{on}; pick another with {flag}") from None
                 raise BadRequest(f"cannot listen on {address(h, p)}: {e.strerror or e}") from None
         borrowed = [f"{name} from {src[4:]}" for name, src in cfg.sources.items() if src.startswith("env:")]
         if borrowed:
             _say(f"settings from other programs' variables: {', '.join(borrowed)}")
         where = ", ".join(f"http://{address(h, p)}" for h, p in listen)
         print(f"hearth: serving on {where} (OpenAI API at /v1, Ollama API at /api)", file=sys.stderr)
+        if cfg.request_log and not args.quiet:  # one line per request, as Ollama logs them
+            from .server.metrics import enable_request_log
+
+            enable_request_log()
         serve(app, sockets, log_level="info" if args.verbose else "warning")
     finally:
         for sock in sockets:
@@ -839,7 +1241,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if action == "recommend":
         from .store.recommend import recommend
 
-        rec = recommend(tags=("code",) if args.code else ("chat",))
+        rec = recommend(tags=("code",) if args.code else ("chat",), refresh=args.refresh)
         if args.json:
             print(json.dumps(rec.to_dict(), indent=2))
         else:
@@ -880,7 +1282,57 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 
 COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "config": cmd_config,
-            "serve": cmd_serve, "daemon": cmd_daemon, "models": cmd_models}
+            "serve": cmd_serve, "daemon": cmd_daemon, "models": cmd_models,
+            # Ollama's verbs
+            "pull": cmd_models, "list": cmd_models, "ls": cmd_models, "rm": cmd_models, "show": cmd_info,
+            "ps": cmd_ps, "stop": cmd_stop, "completion": cmd_completion}
+
+
+def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command given: ``hearth models pull`` -> the pull parser."""
+    p = parser
+    while True:
+        sp = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, sp.dest, None) if sp is not None else None
+        if sp is None or name not in sp.choices:
+            return p
+        p = sp.choices[name]
+
+
+def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> NoReturn:
+    leaf = _leaf_parser(parser, args)
+    flag = next((x.split("=", 1)[0] for x in extra if x.startswith("-")), None)
+    if flag is not None:
+        close = _close(flag, [f for a in leaf._actions for f in a.option_strings if f.startswith("--")])
+        leaf.error(f"unknown option {flag}" + (f" (did you mean {close}?)" if close else ""))
+    leaf.error(f"unexpected argument(s): {' '.join(extra)}")
+
+
+def _flag_message(message: str, leaf: argparse.ArgumentParser, argv: Sequence[str]) -> str:
+    """A setting's name at the start of a message -> the flag the user typed for it
+    (``n_threads must be >= 1`` -> ``--threads must be >= 1``)."""
+    name = message.split(" ", 1)[0]
+    for a in leaf._actions:
+        if a.option_strings and a.dest == name:
+            return _typed(a.option_strings, argv) + message[len(name):]
+    return message
+
+
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Validate the loading and generation flags before anything loads, so an error names
+    the flag as typed (the planner and GenerationParams know only setting names)."""
+    from .errors import BadRequest
+
+    try:
+        wishes = _load_wishes(args)
+        if wishes:
+            from .planner import LoadOptions
+
+            LoadOptions(**wishes)
+        if hasattr(args, "max_tokens"):
+            _gen_config(args)
+    except BadRequest as e:
+        raise BadRequest(_flag_message(e.message, _leaf_parser(parser, args), argv)) from None
 
 
 def _setup_logging(verbose: int) -> None:
@@ -899,13 +1351,19 @@ def _setup_logging(verbose: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.argv = argv
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unrecognized(parser, args, extra)
+    args.verbose += getattr(args, "verbose_after", 0)  # -v after the subcommand counts the same
     if args.command not in ("run", "chat"):  # those set it up when they run in-process
         _setup_logging(args.verbose)
     if not args.command:
         parser.print_help()
         return 0
     try:
+        _check_flags(parser, args, argv)
         return COMMANDS[args.command](args)
     except HearthError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -211,6 +211,9 @@ SETTINGS: tuple[Setting, ...] = (
             _aliases("LLAMA_ARG_MODEL", "LLAMACPP_MODEL")),
     Setting("home", _str, None, "HEARTH_HOME", "where hearth keeps models and state (default: the user data dir)"),
     Setting("debug", _bool, False, "HEARTH_DEBUG", "log hearth's and llama.cpp's detail to stderr"),
+    Setting("request_log", _bool, True, "HEARTH_REQUEST_LOG",
+            "hearth serve logs one line per HTTP request to stderr (method, route, model, status, tokens, "
+            "time; never prompt text); 0 or serve --quiet: off"),
     Setting("n_ctx", _int, None, "HEARTH_N_CTX",
             "context length in tokens, per slot (default: trained length, capped by memory); "
             "LLAMA_ARG_CTX_SIZE is llama-server's total over all slots, divided by parallel here",
@@ -331,6 +334,15 @@ class Config:
         from platformdirs import user_data_dir
 
         return Path(user_data_dir("hearth", appauthor=False))
+
+    def cache_dir(self) -> Path:
+        """Measurements worth keeping between runs (memory bandwidth): ``$HEARTH_HOME/cache``,
+        else the user cache dir (``$XDG_CACHE_HOME/hearth`` on Linux)."""
+        if self.values.get("home"):
+            return Path(self.values["home"]).expanduser() / "cache"
+        from platformdirs import user_cache_dir
+
+        return Path(user_cache_dir("hearth", appauthor=False))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {

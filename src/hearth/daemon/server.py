@@ -66,7 +66,8 @@ class DaemonServer:
         for e in self.pool.loaded():
             mem = e.model.plan.memory
             models.append({"name": e.model.name, "path": str(e.model.info.path), "n_ctx": e.model.plan.n_ctx,
-                           "parallel": e.model.plan.parallel, "ram_bytes": mem.ram, "vram_bytes": mem.vram,
+                           "parallel": e.model.plan.parallel, "n_threads": e.model.plan.n_threads,
+                           "n_gpu_layers": e.model.plan.n_gpu_layers, "ram_bytes": mem.ram, "vram_bytes": mem.vram,
                            "size_bytes": mem.ram + mem.vram, "load_seconds": round(e.load_seconds, 3),
                            "loaded_at": e.loaded_at})
         return {

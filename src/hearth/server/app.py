@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BadRequest, Busy, ContextOverflow, HearthError
+from . import webui
 from .pool import ModelPool
 from .web import CORS_MAX_AGE, CORS_METHODS, WebPolicy, split_list
 
@@ -191,7 +192,7 @@ class GuardMiddleware:
             return
         if origin is not None:
             send = _with_cors(send, origin)
-        if self.api_key and path not in OPEN_PATHS:
+        if self.api_key and path not in OPEN_PATHS and not webui.is_page(method, path, headers.get("accept")):
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer":  # Anthropic's clients send x-api-key
@@ -350,13 +351,17 @@ def create_app(
         return JSONResponse({"status": "loading", "error": {
             "code": 503, "message": "Loading model", "type": "unavailable_error"}}, status_code=503)
 
-    @app.get("/")
-    async def root() -> JSONResponse:
-        return JSONResponse({"name": "hearth", "version": __version__})
+    @app.get("/", response_model=None)
+    async def root(request: Request) -> Response:
+        """The chat page for a browser (Accept: text/html); JSON for every other client."""
+        if webui.wants_html(request.headers.get("accept")):
+            return webui.page()
+        return JSONResponse({"name": "hearth", "version": __version__}, headers={"Vary": "Accept"})
 
     app.include_router(openai.router)
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
     app.include_router(responses.router)
     app.include_router(llamacpp.router)
+    app.include_router(webui.router)  # the chat page's files, /ui/...
     return app

@@ -1,15 +1,24 @@
-"""/metrics in the Prometheus text format.
+"""/metrics in the Prometheus text format, and the request log.
 
 Counters and histograms are fed as requests end (the pool's ``on_result`` and
 ``on_embed`` hooks, and an ASGI middleware for every response's status); the
 per-model gauges (queue depth, busy slots, slots) are read from the schedulers at
 scrape time. One registry per app, so several servers in one process do not mix.
+
+The same middleware writes one line per request to the ``hearth.requests`` logger at
+INFO (status, time, client, method, path, model, tokens; never a prompt or an
+answer), as Ollama logs each request; ``hearth serve`` turns it on
+(:func:`enable_request_log`). The hooks add a request's model and tokens to the
+record the middleware keeps in a context variable, which the request's tasks share.
 """
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from fastapi import FastAPI
@@ -24,6 +33,53 @@ from .pool import ModelPool
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+request_log = logging.getLogger("hearth.requests")
+
+
+@dataclass
+class _Seen:
+    """What the hooks learn about the request in progress."""
+
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    counted: bool = False
+
+
+_current: contextvars.ContextVar[_Seen | None] = contextvars.ContextVar("hearth_request", default=None)
+
+
+def _seen(model: str, prompt_tokens: int, completion_tokens: int = 0) -> None:
+    seen = _current.get()
+    if seen is not None:
+        seen.model = model
+        seen.prompt_tokens += prompt_tokens
+        seen.completion_tokens += completion_tokens
+        seen.counted = True
+
+
+def enable_request_log(stream: Any = None) -> logging.Handler:
+    """One line per request on ``stream`` (default stderr), timestamped, at INFO."""
+    import sys
+
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    request_log.addHandler(handler)
+    request_log.setLevel(logging.INFO)
+    request_log.propagate = False  # its own format, not the root handler's
+    return handler
+
+
+def _log_request(scope: Scope, status: int, seconds: float, seen: _Seen) -> None:
+    client = scope.get("client")
+    where = client[0] if client else "unix"
+    path = scope.get("path", "")
+    if len(path) > 120:
+        path = path[:117] + "..."
+    tokens = (f"{seen.prompt_tokens}+{seen.completion_tokens} tokens" if seen.counted else "-")
+    request_log.info("%d | %8.3fs | %s | %s %s | %s | %s", status, seconds, where, scope.get("method", "?"),
+                     path, seen.model or "-", tokens)
 
 
 class _PoolCollector:
@@ -74,6 +130,7 @@ class Metrics:
         pool.on_embed = self.observe_embedding
 
     def observe_generation(self, model: str, result: GenerationResult) -> None:
+        _seen(model, result.usage.prompt_tokens, result.usage.completion_tokens)
         self.prompt_tokens.labels(model).inc(result.usage.prompt_tokens)
         self.generated_tokens.labels(model).inc(result.usage.completion_tokens)
         self.generations.labels(model, result.finish_reason).inc()
@@ -84,6 +141,7 @@ class Metrics:
             self.tps.labels(model).observe(t.generation_tokens_per_second)
 
     def observe_embedding(self, model: str, tokens: int) -> None:
+        _seen(model, tokens)
         self.embedding_tokens.labels(model).inc(tokens)
 
     def render(self) -> bytes:
@@ -139,6 +197,8 @@ class MetricsMiddleware:
         api = _api(scope.get("path", ""))
         status = 500
         t0 = time.perf_counter()
+        seen = _Seen()
+        token = _current.set(seen)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -149,8 +209,12 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            _current.reset(token)
+            seconds = time.perf_counter() - t0
             self.metrics.requests.labels(api, route, str(status)).inc()
-            self.metrics.request_seconds.labels(api, route).observe(time.perf_counter() - t0)
+            self.metrics.request_seconds.labels(api, route).observe(seconds)
+            if request_log.isEnabledFor(logging.INFO):
+                _log_request(scope, status, seconds, seen)
 
 
 def install(app: FastAPI, pool: ModelPool) -> Metrics:

@@ -22,8 +22,11 @@ Speed model
     GPU bandwidth comes from a table of known cards (``GPU_BANDWIDTH``; Apple
     silicon uses its unified memory bandwidth), else 300 GB/s for an unknown
     discrete GPU and 60 GB/s for an integrated one. CPU bandwidth is ``bandwidth=``
-    when given, else measured once per process by a multi-threaded numpy copy
-    (:func:`measure_cpu_bandwidth`, about 0.2 s), else assumed (20 GB/s).
+    when given, else this machine's measurement cached in the user cache dir
+    (:func:`cpu_bandwidth`; measured on first use, again with ``refresh``: the median
+    of five short multi-threaded numpy copies, about 0.4 s), else assumed (20 GB/s).
+    A single short run swung by tens of percent on a busy machine, and the answer
+    with it; the cached median keeps one machine's answer the same from run to run.
 
 Scoring (quality)
     ``score = log2(parameters / 1e9) - QUANT_PENALTY[quant]``: quality is counted in
@@ -44,7 +47,10 @@ Choice
     first, at most ``MAX_RUNNERS_UP``). When something fits but nothing is fast
     enough, the fastest model that fits is offered (marked not interactive) with
     a warning; when nothing fits, ``choice`` is None and the explanation names the
-    smallest model, what it needs and what there is.
+    smallest model, what it needs and what there is. ``margin`` (and the
+    explanation's "Margin:" line) says by how much the choice beat the first
+    runner-up: the two scores, or the speeds when the scores tie. A small margin
+    is a close call, where another machine's bandwidth could pick the other.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import functools
 import logging
 import math
 import re
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -237,6 +244,8 @@ class Recommendation:
     # every model x quantization judged, in catalog order (not in to_dict: choice,
     # runners_up and rejected_candidates there say it all)
     candidates: list[Candidate] = field(default_factory=list, repr=False)
+    # how the choice beat the runner-up (see _margin); None when nothing was chosen on merit
+    margin: dict[str, Any] | None = None
 
     @property
     def considered(self) -> int:
@@ -255,7 +264,7 @@ class Recommendation:
         if self.runners_up:
             rows = [
                 (c.ref, c.quant, fmt_bytes(c.size), f"~{_fmt_tps(c.est_tokens_per_s)} tok/s",
-                 c.offload)
+                 f"score {c.score:.2f}", c.offload)
                 for c in self.runners_up
             ]
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -277,6 +286,7 @@ class Recommendation:
             "min_tokens_per_s": self.min_tokens_per_s,
             "min_ctx": self.min_ctx,
             "hardware": self.hardware,
+            "margin": self.margin,
             "explanation": self.explanation,
         }
 
@@ -297,12 +307,12 @@ def gpu_bandwidth(gpu: GPU) -> tuple[float, str]:
     return UNKNOWN_DISCRETE_GPU_BANDWIDTH, "assumed for an unknown discrete GPU"
 
 
-def _copy_rate(n_threads: int, nbytes: int, budget_s: float) -> float:
-    """GB/s of the best of repeated copies of ``nbytes`` split over ``n_threads``
-    threads (numpy releases the GIL while copying), within about ``budget_s`` in all."""
+def _copy_rates(n_threads: int, nbytes: int, runs: int, run_s: float) -> list[float]:
+    """GB/s of ``runs`` short runs, each the best of repeated copies of ``nbytes`` split
+    over ``n_threads`` threads (numpy releases the GIL while copying) within about
+    ``run_s``."""
     import numpy as np
 
-    deadline = time.perf_counter() + budget_s
     src = np.ones(nbytes // 8, dtype=np.float64)
     dst = np.empty_like(src)
     bounds = [len(src) * i // n_threads for i in range(n_threads + 1)]
@@ -324,39 +334,169 @@ def _copy_rate(n_threads: int, nbytes: int, budget_s: float) -> float:
         return time.perf_counter() - t0
 
     once()  # touch the pages
-    best = math.inf
-    for i in range(1000):
-        best = min(best, once())
-        if i >= 2 and time.perf_counter() >= deadline:
-            break
-    # a copy reads and writes every byte
-    return 2 * src.nbytes / best / GB if 0 < best < math.inf else 0.0
+    rates: list[float] = []
+    for _ in range(max(1, runs)):
+        deadline = time.perf_counter() + run_s
+        best = math.inf
+        for i in range(1000):
+            best = min(best, once())
+            if i >= 2 and time.perf_counter() >= deadline:
+                break
+        # a copy reads and writes every byte
+        rates.append(2 * src.nbytes / best / GB if 0 < best < math.inf else 0.0)
+    return rates
 
 
-@functools.lru_cache(maxsize=1)
-def measure_cpu_bandwidth(budget_s: float = 0.2) -> float:
-    """The CPU's memory bandwidth in GB/s: the best of repeated large-array copies
-    (numpy, spread over the physical cores, 2 x 64 MiB so caches do not flatter it),
-    counting each byte read and written. About ``budget_s`` seconds; cached for the
-    process. Raises when numpy is missing or the copy fails."""
+BANDWIDTH_RUNS = 5  # short runs; their median is the machine's bandwidth
+BANDWIDTH_RUN_S = 0.08  # seconds per run
+BANDWIDTH_CACHE = "bandwidth.json"  # in the cache dir (Config.cache_dir), one entry per machine
+
+
+def _measure_runs(runs: int = BANDWIDTH_RUNS, run_s: float = BANDWIDTH_RUN_S) -> list[float]:
     from ..hardware import physical_cores
 
     threads = max(1, min(physical_cores(), 16))
-    return _copy_rate(threads, 64 * MiB, budget_s)
+    return _copy_rates(threads, 64 * MiB, runs, run_s)
 
 
-def _cpu_bandwidth(bandwidth: float | None) -> tuple[float, str]:
+@functools.lru_cache(maxsize=1)
+def measure_cpu_bandwidth(budget_s: float = BANDWIDTH_RUNS * BANDWIDTH_RUN_S) -> float:
+    """The CPU's memory bandwidth in GB/s: the median of several short runs, each the
+    best of repeated large-array copies (numpy, spread over the physical cores, 2 x 64
+    MiB so caches do not flatter it), counting each byte read and written. One run is
+    at the mercy of whatever else the machine does; the median of five is not. About
+    ``budget_s`` seconds; cached for the process. Raises when numpy is missing or the
+    copy fails."""
+    return statistics.median(_measure_runs(BANDWIDTH_RUNS, budget_s / BANDWIDTH_RUNS))
+
+
+@dataclass(frozen=True)
+class CpuBandwidth:
+    """The CPU memory bandwidth used for speed estimates, and where it came from."""
+
+    gbs: float
+    source: str  # "given", "measured" (now), "cached" (measured earlier), "assumed"
+    measured_at: float | None = None  # when it was measured (time.time())
+    runs: tuple[float, ...] = ()  # each short run's GB/s; gbs is their median
+    cache_file: str | None = None
+
+    def describe(self) -> str:
+        if self.source == "cached" and self.measured_at:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.measured_at))
+            return f"measured {when}, cached; --refresh measures again"
+        if self.source == "measured" and self.runs:
+            return f"measured, median of {len(self.runs)} runs"
+        return self.source
+
+
+def machine_key() -> str:
+    """What a bandwidth measurement belongs to: host, CPU model, cores usable, RAM. A
+    home directory shared between machines keeps one entry per machine."""
+    import platform
+
+    import psutil
+
+    from ..hardware import physical_cores
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return "|".join((platform.node(), platform.machine(), cpu, str(physical_cores()),
+                     str(psutil.virtual_memory().total)))
+
+
+def bandwidth_cache_path() -> Path:
+    from ..config import load_config
+
+    return load_config().cache_dir() / BANDWIDTH_CACHE
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("machines"), dict) else {}
+
+
+def _cached(path: Path, key: str) -> CpuBandwidth | None:
+    entry = _read_cache(path).get("machines", {}).get(key)
+    try:
+        gbs = float(entry["gbs"])
+        at = float(entry.get("measured_at") or 0) or None
+        runs = tuple(float(r) for r in entry.get("runs") or ())
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
+    return CpuBandwidth(gbs, "cached", at, runs, str(path)) if gbs > 0 else None
+
+
+def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
+    import json
+    import os
+    import tempfile
+
+    data = _read_cache(path) or {"version": 1, "machines": {}}
+    data["machines"][key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cpu_bandwidth(bandwidth: float | None = None, *, cache: bool = True, refresh: bool = False,
+                  cache_file: Path | None = None) -> CpuBandwidth:
+    """The CPU memory bandwidth: ``bandwidth`` when given; else this machine's cached
+    measurement (``cache``; ``refresh`` measures again and replaces it); else measured now
+    (the median of ``BANDWIDTH_RUNS`` short runs) and cached; else assumed (20 GB/s).
+
+    One measurement per machine, so repeated recommendations on it give the same answer
+    rather than one that follows the noise of a 0.2 s benchmark."""
     if bandwidth is not None:
         if not bandwidth > 0:
             raise ValueError(f"bandwidth must be a positive number of GB/s, got {bandwidth!r}")
-        return float(bandwidth), "given"
+        return CpuBandwidth(float(bandwidth), "given")
+    path: Path | None = None
+    key = ""
+    if cache:
+        try:
+            path = cache_file or bandwidth_cache_path()
+            key = machine_key()
+        except Exception as e:  # a bad config file, no home: measure without the cache
+            log.debug("no bandwidth cache: %s", e)
+            path = None
+    if path is not None and not refresh:
+        hit = _cached(path, key)
+        if hit is not None:
+            return hit
     try:
-        bw = measure_cpu_bandwidth()
-        if bw > 0:
-            return bw, "measured"
+        runs = [round(r, 3) for r in _measure_runs()]  # as cached: the first answer is the same as the next
+        gbs = statistics.median(runs)
     except Exception as e:  # pragma: no cover - numpy missing or broken
         log.debug("cannot measure memory bandwidth: %s", e)
-    return ASSUMED_CPU_BANDWIDTH, "assumed"
+        return CpuBandwidth(ASSUMED_CPU_BANDWIDTH, "assumed")
+    if not gbs > 0:  # pragma: no cover
+        return CpuBandwidth(ASSUMED_CPU_BANDWIDTH, "assumed")
+    now = time.time()
+    if path is not None:
+        try:
+            _write_cache(path, key, {"gbs": gbs, "runs": runs, "measured_at": now})
+        except OSError as e:
+            log.debug("cannot write %s: %s", path, e)
+            path = None
+    return CpuBandwidth(gbs, "measured", now, tuple(runs), str(path) if path else None)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -400,6 +540,11 @@ def _parameters(model: CatalogModel, q: CatalogQuant) -> int:
         return model.parameters
     size = q.size or 0
     return int(size * 8 / NOMINAL_BPW.get(q.quant, 8.5)) if size else 0
+
+
+def size_based_need(model: CatalogModel, q: CatalogQuant) -> int:
+    """Bytes to load a model the catalog gives no architecture facts for (see _judge_by_size)."""
+    return int(_quant_size(model, q) * FALLBACK_FACTOR) + FALLBACK_FIXED
 
 
 def has_arch_facts(model: CatalogModel) -> bool:
@@ -488,6 +633,7 @@ class _Machine:
     gpu_bw: list[tuple[float, str]]
     cpu_bw: float
     cpu_bw_source: str
+    cpu: CpuBandwidth | None = None
 
     @property
     def vram_budget(self) -> int:
@@ -647,15 +793,16 @@ def judge(
 # --------------------------------------------------------------------------- recommend
 
 
-def _machine(hw: Hardware, bandwidth: float | None) -> _Machine:
-    cpu_bw, src = _cpu_bandwidth(bandwidth)
+def _machine(hw: Hardware, bandwidth: float | None, *, cache: bool = True, refresh: bool = False) -> _Machine:
+    cpu = cpu_bandwidth(bandwidth, cache=cache, refresh=refresh)
     return _Machine(
         hw=hw,
         ram_budget=memory_budget(hw.total_ram, hw.available_ram, RAM_HEADROOM),
         vram_budgets=[memory_budget(g.total_memory, g.free_memory, VRAM_HEADROOM) for g in hw.gpus],
         gpu_bw=[gpu_bandwidth(g) for g in hw.gpus],
-        cpu_bw=cpu_bw,
-        cpu_bw_source=src,
+        cpu_bw=cpu.gbs,
+        cpu_bw_source=cpu.source,
+        cpu=cpu,
     )
 
 
@@ -668,6 +815,9 @@ def _hardware_summary(m: _Machine) -> dict[str, Any]:
         "ram_budget": m.ram_budget,
         "cpu_bandwidth_gbs": round(m.cpu_bw, 1),
         "cpu_bandwidth_source": m.cpu_bw_source,
+        "cpu_bandwidth_measured_at": m.cpu.measured_at if m.cpu else None,
+        "cpu_bandwidth_runs": [round(r, 1) for r in m.cpu.runs] if m.cpu else [],
+        "cpu_bandwidth_cache": m.cpu.cache_file if m.cpu else None,
         "efficiency": {"cpu": EFF_CPU, "gpu": EFF_GPU},
         "gpus": [
             {
@@ -695,7 +845,8 @@ def _best_per_model(cands: list[Candidate]) -> list[Candidate]:
 
 
 def _speed_text(m: _Machine, c: Candidate) -> str:
-    cpu = f"{m.cpu_bw:.0f} GB/s CPU memory bandwidth ({m.cpu_bw_source}) x {EFF_CPU} efficiency"
+    cpu = (f"{m.cpu_bw:.0f} GB/s CPU memory bandwidth ({m.cpu.describe() if m.cpu else m.cpu_bw_source}) "
+           f"x {EFF_CPU} efficiency")
     gpu = "; ".join(f"{bw:.0f} GB/s GPU memory bandwidth ({src})" for bw, src in m.gpu_bw)
     gpu += f" x {EFF_GPU} efficiency"
     if c.offload == "cpu" or not m.hw.gpus:
@@ -708,6 +859,43 @@ def _speed_text(m: _Machine, c: Candidate) -> str:
         f"~{_fmt_tps(c.est_tokens_per_s)} tok/s expected, reading ~{c.bytes_per_token / GB:.1f} GB "
         f"per token at {at}"
     )
+
+
+def _margin(choice: Candidate | None, runner_up: Candidate | None) -> dict[str, Any] | None:
+    """The winner's score and speed against the runner-up's (the next model's best)."""
+    if choice is None:
+        return None
+    d: dict[str, Any] = {"score": round(choice.score, 3),
+                         "tokens_per_s": round(choice.est_tokens_per_s, 1), "runner_up": None}
+    if runner_up is not None:
+        d.update(runner_up=runner_up.ref, runner_up_quant=runner_up.quant,
+                 runner_up_score=round(runner_up.score, 3),
+                 runner_up_tokens_per_s=round(runner_up.est_tokens_per_s, 1),
+                 score_margin=round(choice.score - runner_up.score, 3),
+                 won_on=_rank_reason(choice, runner_up))
+    return d
+
+
+def _rank_reason(a: Candidate, b: Candidate) -> str:
+    """Which part of the rank key put ``a`` ahead of ``b``."""
+    ka, kb = _rank_key(a), _rank_key(b)
+    return "score" if ka[0] != kb[0] else "speed" if ka[1] != kb[1] else "download size"
+
+
+def _margin_text(choice: Candidate, runner_up: Candidate | None) -> str:
+    if runner_up is None:
+        return "no other model fits and runs fast enough here"
+    ru = f"the runner-up {runner_up.ref} ({runner_up.quant})"
+    why = _rank_reason(choice, runner_up)
+    if why == "score":
+        return (f"score {choice.score:.2f} vs {runner_up.score:.2f} for {ru}, "
+                f"+{choice.score - runner_up.score:.2f} (a score counts doublings of model size, "
+                "less the quantization's cost)")
+    if why == "speed":
+        return (f"tied with {ru} on score ({choice.score:.2f}); faster, "
+                f"~{_fmt_tps(choice.est_tokens_per_s)} vs ~{_fmt_tps(runner_up.est_tokens_per_s)} tok/s")
+    return (f"tied with {ru} on score ({choice.score:.2f}) and speed; a smaller download, "
+            f"{fmt_bytes(choice.size)} vs {fmt_bytes(runner_up.size)}")
 
 
 def _placement(c: Candidate) -> str:
@@ -759,6 +947,7 @@ def _explain(
     all_cands: list[Candidate],
     min_tps: float,
     fallback_slow: bool,
+    runner_up: Candidate | None = None,
 ) -> str:
     lines: list[str] = []
     if not all_cands:
@@ -785,6 +974,8 @@ def _explain(
         f"{m.where()}."
     )
     lines.append(f"Speed: {_speed_text(m, choice)}.")
+    if not fallback_slow:
+        lines.append(f"Margin: {_margin_text(choice, runner_up)}.")
     if fallback_slow:
         lines.append(
             f"Warning: nothing that fits reaches {min_tps:g} tok/s here; this is the fastest "
@@ -844,15 +1035,18 @@ def recommend(
     min_tokens_per_s: float = 8.0,
     min_ctx: int = 4096,
     tags: tuple[str, ...] | list[str] | None = ("chat",),
+    cache: bool = True,
+    refresh: bool = False,
 ) -> Recommendation:
     """The best catalog model and quantization for ``hardware`` (detected when None).
 
-    ``bandwidth`` is the CPU memory bandwidth in GB/s (measured when None).
+    ``bandwidth`` is the CPU memory bandwidth in GB/s; when None, this machine's cached
+    measurement (``cache``), measured first when there is none or ``refresh`` is set.
     ``tags``: only models with at least one of them; None or empty for all.
     """
     catalog = catalog if catalog is not None else load_catalog()
     hw = hardware if hardware is not None else detect_hardware()
-    m = _machine(hw, bandwidth)
+    m = _machine(hw, bandwidth, cache=cache, refresh=refresh)
     wanted = set(tags or ())
     models = [mod for mod in catalog if not wanted or wanted & set(mod.tags)]
     cands = [
@@ -876,8 +1070,10 @@ def recommend(
         runners_up=runners_up,
         rejected=rejected,
         hardware=_hardware_summary(m),
-        explanation=_explain(m, choice, cands, min_tokens_per_s, fallback_slow),
+        explanation=_explain(m, choice, cands, min_tokens_per_s, fallback_slow,
+                             runners_up[0] if runners_up else None),
         min_tokens_per_s=min_tokens_per_s,
         min_ctx=min_ctx,
         candidates=cands,
+        margin=None if fallback_slow else _margin(choice, runners_up[0] if runners_up else None),
     )
