@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import statistics
@@ -44,6 +45,8 @@ from .types import (
 )
 
 ModelRef = "Model | str | os.PathLike[str] | None"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,13 +157,15 @@ class Model:
     """
 
     def __init__(self, name: str, info: ModelInfo, plan: LoadPlan, hardware: Hardware, max_queue: int = 64,
-                 *, defaults: Mapping[str, Any] | None = None, system: str | None = None) -> None:
+                 *, defaults: Mapping[str, Any] | None = None, system: str | None = None,
+                 hosts: Sequence[str] = ()) -> None:
         self.name = name
         self.info = info
         self.plan = plan
         self.hardware = hardware
+        self.hosts = list(hosts)  # RPC workers this model's layers run on (in its own process)
         self.own = self.defaults_for(defaults, system)
-        self.engine: Engine = load_engine(info, plan, model_name=name, max_queue=max_queue)
+        self.engine: Engine = load_engine(info, plan, model_name=name, max_queue=max_queue, hosts=self.hosts)
 
     # -- parameters ---------------------------------------------------------------------
 
@@ -448,6 +453,7 @@ def load_model(
     """
     model = _model_arg(model, overrides)
     own_defaults = _llama_kwargs(overrides)
+    hosts, optional = overrides.pop("hosts", None), bool(overrides.pop("hosts_optional", False))
     cfg = load_config()
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model if model is not None else cfg.model)
     info = inspect_model(resolved.path)
@@ -456,11 +462,26 @@ def load_model(
     wishes = _load_options(resolved.load).merged(cfg.load_options()).merged(
         _load_options({"n_ctx": n_ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, **overrides})
     )
-    plan = plan_load(info, hw, wishes)
+    remote, workers = _workers(hosts if hosts is not None else cfg.hosts, optional)
+    plan = plan_load(info, hw, wishes, remote=remote)
     if cfg.max_queue < 0:
         raise BadRequest(f"max_queue must be >= 0, got {cfg.max_queue}")
     return Model(resolved.name, info, plan, hw, max_queue=cfg.max_queue,
-                 defaults={**(resolved.defaults or {}), **own_defaults}, system=resolved.system)
+                 defaults={**(resolved.defaults or {}), **own_defaults}, system=resolved.system,
+                 hosts=workers if plan.hosts else ())
+
+
+def _workers(hosts: str | Sequence[str] | None, optional: bool = False) -> tuple[list[Any], list[str]]:
+    """Other machines' devices for the planner (``hearth.rpc``), and the workers to add,
+    in order (llama.cpp names their devices by the order they were added)."""
+    from . import rpc
+
+    endpoints = rpc.parse_hosts(hosts)
+    if not endpoints:
+        return [], []
+    rpc.require("--hosts")
+    log.info("asking %d worker(s) for their devices: %s", len(endpoints), ", ".join(endpoints))
+    return rpc.remote_devices(endpoints, optional, warn=log.warning)
 
 
 # A small cache so quick_* and name-based calls do not reload on every call.
@@ -541,6 +562,7 @@ def plan_model(model: Model | ModelInfo | str | os.PathLike[str] | ResolvedModel
     without wishes: the plan it was loaded with). A ``ModelInfo`` plans without a file:
     one built from the catalog's facts answers for a model not downloaded yet."""
     model = _model_arg(model, wishes)
+    hosts, optional = wishes.pop("hosts", None), bool(wishes.pop("hosts_optional", False))
     cfg = load_config()
     if isinstance(model, ModelInfo):
         info, load = model, {}
@@ -552,7 +574,8 @@ def plan_model(model: Model | ModelInfo | str | os.PathLike[str] | ResolvedModel
         resolved = resolve_model(model if model is not None else cfg.model)
         info, load = inspect_model(resolved.path), resolved.load
     opts = _load_options(load).merged(cfg.load_options()).merged(_load_options(wishes))
-    return plan_load(info, detect_hardware(), opts)
+    remote, _ = _workers(hosts if hosts is not None else cfg.hosts, optional)
+    return plan_load(info, detect_hardware(), opts, remote=remote)
 
 
 def estimate_memory_usage(

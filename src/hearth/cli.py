@@ -109,6 +109,11 @@ def _load_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-mmap", dest="use_mmap", action="store_const", const=False, help="read the model into RAM instead of mapping it")
     g.add_argument("--mlock", dest="use_mlock", action="store_const", const=True, help="lock the model in RAM")
     g.add_argument("--parallel", "-np", dest="parallel", type=int, help="concurrent requests (slots)")
+    g.add_argument("--hosts", dest="worker_hosts", default=None, metavar="HOST:PORT,...",
+                   help="split the model across these machines' `hearth worker`s too (llama.cpp RPC; default "
+                   "port 50052; default: HEARTH_HOSTS, else this machine only)")
+    g.add_argument("--hosts-optional", dest="hosts_optional", action="store_const", const=True,
+                   help="load without a worker that cannot be reached, instead of failing")
 
 
 def _daemon_flag(p: argparse.ArgumentParser) -> None:
@@ -261,6 +266,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("model", metavar="MODEL", help="the name `hearth ps` shows")
     _host_flag(st)
 
+    wk = sub.add_parser("worker", help="serve this machine's devices to other hearth hosts (llama.cpp RPC)",
+                        description="Serve this machine's CPU and GPUs to hearth on other machines, which split "
+                        "models across them with --hosts. The RPC protocol has no authentication: anyone who "
+                        "reaches the port can use and read the devices. Keep it on loopback (the default) with "
+                        "an SSH tunnel, or on a trusted network or WireGuard.")
+    wk.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1; another address warns: no authentication)")
+    wk.add_argument("--port", type=int, default=50052, help="port (default 50052, as llama.cpp's rpc-server)")
+    wk.add_argument("--devices", default=None,
+                    help="comma-separated llama.cpp device names to serve (default: every local device; "
+                    "`hearth worker --list-devices` shows them)")
+    wk.add_argument("--list-devices", action="store_true", help="list this machine's devices and exit")
+    wk.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: the physical cores)")
+    wk.add_argument("--cache", default=None, metavar="DIR",
+                    help="keep received tensors here, so a second load of a model does not resend them "
+                    "(default: the user cache dir's hearth/rpc)")
+    wk.add_argument("--no-cache", action="store_true", help="keep no tensor cache")
+
     co = sub.add_parser("completion", help="print a shell completion script (bash, zsh or fish)",
                         description="Print a completion script. bash: eval \"$(hearth completion bash)\" in "
                         "~/.bashrc; zsh: eval \"$(hearth completion zsh)\" in ~/.zshrc after compinit; fish: "
@@ -328,8 +351,11 @@ def _version() -> str:
 
 def _load_wishes(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("n_ctx", "n_threads", "n_threads_batch", "n_gpu_layers", "n_batch", "n_ubatch", "kv_type", "flash_attn",
-            "use_mmap", "use_mlock", "parallel")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+            "use_mmap", "use_mlock", "parallel", "hosts_optional")
+    wishes = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "worker_hosts", None) is not None:  # --hosts (serve's --host is where it listens)
+        wishes["hosts"] = args.worker_hosts
+    return wishes
 
 
 def _file_or_text(v: str | None) -> str | None:
@@ -376,7 +402,7 @@ def _gen_config(args: argparse.Namespace):
 # load flags -> the same flags for the daemon's process
 _LOAD_ARGV = {"n_ctx": "--n-ctx", "n_threads": "--threads", "n_threads_batch": "--threads-batch",
               "n_gpu_layers": "--gpu-layers", "n_batch": "--batch-size", "n_ubatch": "--ubatch-size",
-              "kv_type": "--kv-type", "parallel": "--parallel"}
+              "kv_type": "--kv-type", "parallel": "--parallel", "hosts": "--hosts"}
 
 
 def _load_argv(args: argparse.Namespace) -> list[str]:
@@ -386,6 +412,8 @@ def _load_argv(args: argparse.Namespace) -> list[str]:
             out.append("--no-mmap")
         elif k == "use_mlock":
             out.append("--mlock")
+        elif k == "hosts_optional":
+            out.append("--hosts-optional")
         elif k == "flash_attn":
             out += ["--flash-attn", "on" if v else "off"]
         else:
@@ -839,16 +867,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .hardware import detect_hardware
     from .store import resolve_model
 
+    from .config import load_config
+
+    hosts = args.worker_hosts if args.worker_hosts is not None else load_config().hosts
+    remote = _remote_devices(hosts, bool(args.hosts_optional)) if hosts else None
     try:  # never a download: a catalog model not pulled yet is described from the catalog
         resolved = resolve_model(args.model, pull=False, announce=_say)
     except ModelNotFound:
         hit = _catalog_entry(args.model)
         if hit is None:
             raise
-        return _info_from_catalog(args, *hit)
+        return _info_from_catalog(args, *hit, remote=remote)
     info = get_model_info(resolved)
     hw = detect_hardware()
-    plan = plan_model(resolved, **_load_wishes(args))
+    plan = plan_model(resolved, **_load_wishes(args)) if remote is None else \
+        _plan_with_hosts(info, hw, args, remote, resolved.load)
     if args.json:
         print(json.dumps({"model": info.to_dict(), "hardware": hw.to_dict(), "plan": plan.to_dict()}, indent=2))
         return 0
@@ -869,9 +902,48 @@ def cmd_info(args: argparse.Namespace) -> int:
         *_plan_rows(plan, hw, info.block_count),
     ]
     _print_rows(rows)
+    _print_placement(plan, info.block_count)
     for n in plan.notes:
         print(f"note: {_note(n, args)}")
     return 0
+
+
+def _remote_devices(hosts: str, optional: bool = False) -> list[Any]:
+    """Each worker's devices and free memory, asked over the RPC protocol with a timeout
+    (no llama.cpp: a host that does not answer is a WorkerError naming it, not an abort),
+    named as llama.cpp will name them once added in this order: RPC0, RPC1, ..."""
+    from . import rpc
+
+    return rpc.remote_devices(rpc.parse_hosts(hosts), optional, warn=_say)[0]
+
+
+def _plan_with_hosts(info: Any, hw: Any, args: argparse.Namespace, remote: list[Any],
+                     load: dict[str, Any] | None = None) -> Any:
+    """plan_model's plan (the model's own settings < config < flags), split across ``remote``."""
+    from .api import _load_options
+    from .config import load_config
+    from .planner import plan_load
+
+    wishes = {k: v for k, v in _load_wishes(args).items() if k not in ("hosts", "hosts_optional")}
+    opts = _load_options(load or {}).merged(load_config().load_options()).merged(_load_options(wishes))
+    return plan_load(info, hw, opts, remote=remote)
+
+
+def _print_placement(plan: Any, block_count: int) -> None:
+    """The split across devices and hosts: what each holds, and the memory it has."""
+    if not plan.placement:
+        return
+    hosts = {p["host"] for p in plan.placement}
+    print(f"\nsplit across {len(hosts)} host{'s' if len(hosts) > 1 else ''} (layers of {block_count + 1}, "
+          f"{block_count} = the output head; memory = weights + KV cache, + compute buffers):")
+    rows = [(p["host"], p["device"], f"{p['layers'][0]}-{p['layers'][1] - 1}" if p["n_layers"] else "-",
+             str(p["n_layers"]), _gib(p["bytes"]), _gib(p["compute"]), _gib(p["free"]), _gib(p["budget"]))
+            for p in plan.placement]
+    _table(("  host", "device", "layers", "n", "memory", "compute", "free", "usable"),
+           [("  " + r[0], *r[1:]) for r in rows])
+    if plan.devices:
+        print(f"llama.cpp: devices {','.join(plan.devices)}, tensor_split "
+              f"{','.join(f'{v:g}' for v in plan.tensor_split)}, n_gpu_layers {plan.n_gpu_layers}")
 
 
 def _params(n: int) -> str:
@@ -913,7 +985,7 @@ def _catalog_entry(model: str | None):
     return load_catalog().lookup(model if model else load_config().model)
 
 
-def _info_from_catalog(args: argparse.Namespace, cm: Any, q: Any) -> int:
+def _info_from_catalog(args: argparse.Namespace, cm: Any, q: Any, remote: list[Any] | None = None) -> int:
     """``info`` for a catalog model that is not pulled: its catalog facts, and the plan
     for this machine from them (the planner takes a ModelInfo built from the catalog, as
     ``models recommend`` does), or a size-based estimate where the catalog has no
@@ -932,7 +1004,10 @@ def _info_from_catalog(args: argparse.Namespace, cm: Any, q: Any) -> int:
     if has_arch_facts(cm):
         estimate = "planner"
         try:
-            plan = plan_model(synthetic_info(cm, q), **_load_wishes(args))
+            if remote is not None:
+                plan = _plan_with_hosts(synthetic_info(cm, q), hw, args, remote)
+            else:
+                plan = plan_model(synthetic_info(cm, q), **_load_wishes(args))
         except DoesNotFit as e:
             reason = e.message
     else:
@@ -940,6 +1015,12 @@ def _info_from_catalog(args: argparse.Namespace, cm: Any, q: Any) -> int:
         need = size_based_need(cm, q)
         budget = max(memory_budget(hw.total_ram, hw.available_ram, RAM_HEADROOM),
                      sum(memory_budget(g.total_memory, g.free_memory, VRAM_HEADROOM) for g in hw.gpus))
+        if remote:  # split across hosts: all of it together
+            from .planner import REMOTE_HEADROOM
+
+            budget = (memory_budget(hw.total_ram, hw.available_ram, RAM_HEADROOM)
+                      + sum(memory_budget(g.total_memory, g.free_memory, VRAM_HEADROOM) for g in hw.gpus)
+                      + sum(memory_budget(d.total, d.free, REMOTE_HEADROOM) for d in remote))
         if need > budget:
             reason = f"needs about {_gib(need)}, {_gib(budget)} available (after headroom)"
     fits = reason is None
@@ -978,6 +1059,8 @@ def _info_from_catalog(args: argparse.Namespace, cm: Any, q: Any) -> int:
                                           "no architecture facts)"))
     rows.append(("fits here", "yes" if fits else f"no: {reason}"))
     _print_rows(rows)
+    if plan is not None:
+        _print_placement(plan, a["layers"])
     for n in plan.notes if plan else ():
         print(f"note: {_note(n, args)}")
     print(f"note: estimated from the catalog's facts; nothing was downloaded. Pull it with: {pull}")
@@ -1281,11 +1364,105 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Serve local devices over llama.cpp's RPC protocol until Ctrl-C / SIGTERM."""
+    import ipaddress
+    import signal
+    import threading
+
+    from . import rpc
+    from .errors import BadRequest
+    from .hardware import physical_cores
+
+    rpc.require("hearth worker")
+    if not 0 < args.port < 65536:
+        raise BadRequest(f"--port must be in 1..65535, got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise BadRequest(f"--threads must be >= 1, got {args.threads}")
+    devices = rpc.local_devices()
+    local = [d for d in devices if not d.name.startswith("RPC")]
+    if args.list_devices:
+        for d in local:
+            print(f"{d.name:<12} {d.kind:<5} {_gib(d.free):>10} free of {_gib(d.total):<10} {d.description}")
+        return 0
+    if args.devices:
+        wanted = [n.strip() for n in args.devices.split(",") if n.strip()]
+        known = {d.name for d in local}
+        bad = [n for n in wanted if n not in known]
+        if bad:
+            raise BadRequest(f"--devices: no device named {', '.join(bad)} here (these are: {', '.join(sorted(known))})")
+        serve = [d for d in local if d.name in wanted]
+    else:
+        serve = local
+    cache = None
+    if not args.no_cache:
+        if args.cache:
+            cache = os.path.expanduser(args.cache)
+        else:
+            from platformdirs import user_cache_dir
+
+            cache = os.path.join(user_cache_dir("hearth", appauthor=False), "rpc")
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+    host = args.host
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    endpoint = f"[{host.strip('[]')}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+    threads = args.threads or physical_cores()
+    print(f"hearth worker: serving on {endpoint} (llama.cpp RPC protocol {rpc.RPC_PROTO_MAJOR_VERSION}."
+          f"{rpc.RPC_PROTO_MINOR_VERSION}.{rpc.RPC_PROTO_PATCH_VERSION}), {threads} threads, tensor cache "
+          f"{cache or 'off'}", file=sys.stderr)
+    for d in serve:
+        print(f"  {d.name:<10} {d.kind:<5} {_gib(d.free)} free of {_gib(d.total)}  {d.description}", file=sys.stderr)
+    if not loopback:
+        print(f"hearth worker: WARNING: listening on {host}, not loopback. The RPC protocol has NO "
+              "authentication: anyone who reaches this port can run computations on these devices and read "
+              "what they hold. Use it only on a trusted network, or keep the default 127.0.0.1 and reach it "
+              "through an SSH tunnel or WireGuard.", file=sys.stderr)
+    print(f"use it from another machine: hearth run --hosts {endpoint if not loopback else 'THIS-HOST:' + str(args.port)} "
+          "MODEL", file=sys.stderr, flush=True)
+    # the server loop runs in C and never returns: serve from a thread, wait for a signal here
+    probe = socket_in_use(host.strip("[]"), args.port)
+    if probe:
+        raise BadRequest(f"port {args.port} is in use; pick another with --port")
+    failed = threading.Event()
+
+    def run() -> None:
+        rpc.serve_worker(endpoint, cache, threads, [d.name for d in serve])
+        failed.set()  # start_server returns only when it could not listen
+
+    threading.Thread(target=run, name="hearth-worker", daemon=True).start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.2):
+        if failed.is_set():
+            raise BadRequest(f"cannot listen on {endpoint}")
+    print("hearth worker: stopped", file=sys.stderr)
+    return 0
+
+
+def socket_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (llama.cpp's server only prints
+    when it cannot bind)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "config": cmd_config,
             "serve": cmd_serve, "daemon": cmd_daemon, "models": cmd_models,
             # Ollama's verbs
             "pull": cmd_models, "list": cmd_models, "ls": cmd_models, "rm": cmd_models, "show": cmd_info,
-            "ps": cmd_ps, "stop": cmd_stop, "completion": cmd_completion}
+            "ps": cmd_ps, "stop": cmd_stop, "completion": cmd_completion, "worker": cmd_worker}
 
 
 def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
@@ -1325,6 +1502,12 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
 
     try:
         wishes = _load_wishes(args)
+        hosts = wishes.pop("hosts", None)
+        wishes.pop("hosts_optional", None)
+        if hosts:
+            from .rpc import parse_hosts
+
+            parse_hosts(hosts)
         if wishes:
             from .planner import LoadOptions
 

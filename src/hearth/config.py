@@ -261,6 +261,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("models_dir", _str, None, "HEARTH_MODELS_DIR", "directories whose .gguf files HTTP clients may use by name or path (os.pathsep-separated)"),
     Setting("keep_alive", _duration, "5m", "HEARTH_KEEP_ALIVE", "how long an idle model stays loaded in the server: seconds or 30s/5m/1h; 0 = unload at once, negative = forever",
             _aliases("OLLAMA_KEEP_ALIVE")),
+    Setting("hosts", _str, None, "HEARTH_HOSTS",
+            "other machines' `hearth worker`s to split models across, HOST[:PORT] comma-separated "
+            "(llama.cpp RPC; default port 50052; default: none, this machine only)"),
     Setting("max_loaded_models", _int, None, "HEARTH_MAX_LOADED_MODELS",
             "models the server keeps loaded at most: idle ones are unloaded, least recently used first, "
             "to load another (default: as many as fit in memory; 0 = the same)",

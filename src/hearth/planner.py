@@ -9,13 +9,20 @@ kept full), the output (logits) buffer and the compute buffers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import bisect
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .errors import BadRequest, DoesNotFit
 from .gguf import ModelInfo
 from .hardware import Hardware
 from .types import MappingView
+
+if TYPE_CHECKING:
+    from .rpc import RemoteDevice
 
 GiB = 1024**3
 MiB = 1024**2
@@ -43,6 +50,9 @@ DEFAULT_UBATCH = 512
 # Memory kept free for the OS and other programs; the larger of the two.
 RAM_HEADROOM = (1 * GiB, 0.10)
 VRAM_HEADROOM = (512 * MiB, 0.05)
+# A worker does not say whether a device is a GPU or its RAM (llama.cpp's RPC devices all
+# report "GPU"), and the worker process itself needs room: the larger, RAM rule.
+REMOTE_HEADROOM = RAM_HEADROOM
 # Fixed runtime overhead and per-vocabulary-token tables, measured on CPU builds.
 _COMPUTE_FIXED = 17 * MiB
 _VOCAB_BYTES = 200
@@ -65,6 +75,11 @@ class LoadOptions:
     numa: bool | None = None
     parallel: int | None = None  # concurrent sequences (slots)
     swa_full: bool | None = None
+    # llama.cpp device names to offload to, in order ("CUDA0", "RPC0", ...); [] = none
+    devices: list[str] | None = None
+    # one proportion per device (of ``devices``, else of the local GPUs then the remote
+    # devices): the share of the offloaded layers each gets, as llama.cpp's --tensor-split
+    tensor_split: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +105,25 @@ class LoadOptions:
             raise BadRequest(
                 f"kv_type must be one of {', '.join(KV_TYPES)}, got {self.kv_type!r}"
             )
+        if self.devices is not None:
+            if isinstance(self.devices, str) or not all(isinstance(d, str) and d.strip() for d in self.devices):
+                raise BadRequest(f"devices must be a list of llama.cpp device names (e.g. CUDA0, RPC0), "
+                                 f"got {self.devices!r}")
+            self.devices = [d.strip() for d in self.devices]
+            if len(set(self.devices)) < len(self.devices):
+                raise BadRequest(f"devices lists a device twice: {', '.join(self.devices)}")
+        if self.tensor_split is not None:
+            ts = self.tensor_split
+            if (isinstance(ts, str) or not ts or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                    for v in ts)):
+                raise BadRequest(f"tensor_split must be a list of numbers >= 0, one per device, got {ts!r}")
+            if not any(v > 0 for v in ts):
+                raise BadRequest(f"tensor_split gives every device 0: at least one must be > 0, got {list(ts)!r}")
+            self.tensor_split = [float(v) for v in ts]
+            if self.devices is not None and len(self.tensor_split) != len(self.devices):
+                raise BadRequest(f"tensor_split has {len(self.tensor_split)} values but devices names "
+                                 f"{len(self.devices)} devices: give one proportion per device")
 
     def merged(self, other: LoadOptions) -> LoadOptions:
         """These options with every setting ``other`` gives on top."""
@@ -154,6 +188,19 @@ class MemoryEstimate(MappingView):
         return d
 
 
+class Placement(TypedDict):
+    """What one device holds in a plan across devices (``LoadPlan.placement``)."""
+
+    device: str  # llama.cpp's device name; "CPU" for this machine's CPU (host memory)
+    host: str  # "local", or the worker's "host:port"
+    layers: list[int]  # [first, last): llama.cpp's layer numbers, n_layer = the output head
+    n_layers: int
+    bytes: int  # weights + KV cache of those layers planned there
+    compute: int  # compute (and, on the CPU, output) buffers planned there
+    free: int  # the device's free memory now
+    budget: int  # what the plan may use of it: free less the headroom
+
+
 @dataclass
 class LoadPlan(MappingView):
     """How a model will be loaded on this machine. Also a read-only mapping of
@@ -175,6 +222,14 @@ class LoadPlan(MappingView):
     memory: MemoryEstimate
     notes: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # setting -> "user" | "planner"
+    # A split across devices (other hosts' through RPC), for llama_model_params: the
+    # device names in order, and one proportion each (tensor_split). Empty: llama.cpp's
+    # default devices (this machine's GPUs), as without hosts.
+    devices: list[str] = field(default_factory=list)
+    tensor_split: list[float] = field(default_factory=list)
+    # what each device (and the local CPU) holds; empty without a split across devices
+    placement: list[Placement] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # workers ("host:port") the plan puts layers on
 
     @property
     def n_ctx_per_slot(self) -> int:
@@ -201,6 +256,44 @@ def offloadable_layers(info: ModelInfo) -> int:
     return info.block_count + 1
 
 
+def _kv_per_layer(info: ModelInfo, n_ctx: int, *, n_ubatch: int, kv_type: str, parallel: int,
+                  swa_full: bool) -> list[int]:
+    """KV cache bytes of each block. n_ctx is per sequence (slot); each slot has its own
+    KV stream of n_ctx cells (llama.cpp pads each to 256)."""
+    n_layer = info.block_count
+    ctx = _pad(n_ctx) * parallel
+    per_cell_layer = info.head_count_kv * (info.key_length + info.value_length) * KV_TYPES[kv_type]
+    swa_cells = ctx
+    if info.swa_layers and not swa_full:
+        swa_cells = min(ctx, parallel * _pad(info.sliding_window + n_ubatch))
+    kv_per_layer = []
+    swa_left = info.swa_layers
+    # which layers are SWA matters only for a split over devices, and only without
+    # swa_full (the default keeps them full); assume they are spread evenly
+    for il in range(n_layer):
+        is_swa = info.swa_layers and (il * info.swa_layers) // max(n_layer, 1) != (
+            (il + 1) * info.swa_layers
+        ) // max(n_layer, 1)
+        cells = swa_cells if (is_swa and swa_left > 0) else ctx
+        if is_swa:
+            swa_left -= 1
+        kv_per_layer.append(int(cells * per_cell_layer))
+    return kv_per_layer
+
+
+def _compute_parts(info: ModelInfo, n_ctx: int, *, n_ubatch: int, parallel: int,
+                   flash_attn: bool) -> tuple[int, int, int, int]:
+    """(ubatch, activations, attention mask, KQ) bytes of one compute step."""
+    ctx_seq = _pad(n_ctx)
+    ub = min(n_ubatch, ctx_seq * parallel)
+    n_embd = info.embedding_length
+    n_ff = max(info.feed_forward_length, n_embd)
+    act = ub * (n_embd * 4 + n_ff * 3) * 4
+    mask = ub * ctx_seq
+    kq = 0 if flash_attn else ub * ctx_seq * info.head_count * 4
+    return ub, act, mask, kq
+
+
 def estimate_memory(
     info: ModelInfo,
     n_ctx: int,
@@ -223,27 +316,8 @@ def estimate_memory(
         vram_weights += info.output_bytes or 0
     ram_weights = info.weights_bytes - vram_weights
 
-    # KV cache
-    # n_ctx is per sequence (slot); each slot has its own KV stream of n_ctx cells
-    # (llama.cpp pads each to 256)
-    ctx_seq = _pad(n_ctx)
-    ctx = ctx_seq * parallel
-    per_cell_layer = info.head_count_kv * (info.key_length + info.value_length) * KV_TYPES[kv_type]
-    swa_cells = ctx
-    if info.swa_layers and not swa_full:
-        swa_cells = min(ctx, parallel * _pad(info.sliding_window + n_ubatch))
-    kv_per_layer = []
-    swa_left = info.swa_layers
-    # which layers are SWA does not matter for the total unless split over devices;
-    # assume they are spread evenly
-    for il in range(n_layer):
-        is_swa = info.swa_layers and (il * info.swa_layers) // max(n_layer, 1) != (
-            (il + 1) * info.swa_layers
-        ) // max(n_layer, 1)
-        cells = swa_cells if (is_swa and swa_left > 0) else ctx
-        if is_swa:
-            swa_left -= 1
-        kv_per_layer.append(int(cells * per_cell_layer))
+    kv_per_layer = _kv_per_layer(info, n_ctx, n_ubatch=n_ubatch, kv_type=kv_type, parallel=parallel,
+                                 swa_full=swa_full)
     kv_vram = sum(kv_per_layer[n_layer - gpu_blocks :]) if gpu_blocks else 0
     kv_ram = sum(kv_per_layer) - kv_vram
 
@@ -253,12 +327,8 @@ def estimate_memory(
     # is touched: one ubatch of activations through the widest layer, the attention
     # mask, and llama.cpp's vocabulary tables (about 200 bytes a token) -- calibrated
     # against measured RSS on SmolLM2 135M and Gemma 3 270M (tests/test_memory.py).
-    ub = min(n_ubatch, ctx)
+    ub, act, mask, kq = _compute_parts(info, n_ctx, n_ubatch=n_ubatch, parallel=parallel, flash_attn=flash_attn)
     n_embd = info.embedding_length
-    n_ff = max(info.feed_forward_length, n_embd)
-    act = ub * (n_embd * 4 + n_ff * 3) * 4
-    mask = ub * ctx_seq
-    kq = 0 if flash_attn else ub * ctx_seq * info.head_count * 4
     runtime = info.vocab_size * _VOCAB_BYTES + _COMPUTE_FIXED
     compute_touched = act + mask + kq
     compute_reserved = act + ub * info.vocab_size * 4 + mask * 2 + kq
@@ -290,6 +360,97 @@ def memory_budget(total: int, free: int, headroom: tuple[int, float]) -> int:
     return max(0, free - max(headroom[0], int(total * headroom[1])))
 
 
+def _f32(x: float) -> float:
+    """x rounded to a C float (llama.cpp computes the split in float32)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def split_layers(n_layer: int, n_gpu_layers: int, tensor_split: Sequence[float]) -> list[tuple[int, int]]:
+    """Which layers llama.cpp puts on each listed device: ``[first, last)`` per device,
+    layer ``n_layer`` being the output head; the layers no device gets (and the input
+    embeddings) stay on the CPU. llama_model_base::load_tensors' rule, in its float32
+    arithmetic, so a plan predicts where every layer lands: the last ``n_gpu_layers`` of
+    the ``n_layer + 1`` go to the devices, the i-th of them to the first device whose
+    cumulative share of ``tensor_split`` exceeds ``i / n_gpu_layers``."""
+    total = n_layer + 1
+    ngl = total if n_gpu_layers < 0 else n_gpu_layers
+    start = max(total - ngl, 0)
+    act = min(ngl, total) if tensor_split else 0
+    cum: list[float] = []
+    acc = 0.0
+    for v in tensor_split:
+        acc = _f32(acc + _f32(v))
+        cum.append(acc)
+    if act and acc <= 0:
+        raise ValueError("an all-zero tensor_split means llama.cpp's own split by free memory")
+    cum = [_f32(c / acc) for c in cum] if act else cum
+    counts = [0] * len(tensor_split)
+    for k in range(act):
+        counts[bisect.bisect_right(cum, _f32(float(k) / act))] += 1
+    ranges, first = [], start
+    for c in counts:
+        ranges.append((first, first + c))
+        first += c
+    return ranges
+
+
+def _fill(items: list[int], caps: list[int]) -> list[int] | None:
+    """Items in order into bins in order, each bin as full as it goes: the counts per bin,
+    or None when they do not all fit (no contiguous split can fit then either)."""
+    counts, k = [], 0
+    for cap in caps:
+        used = n = 0
+        while k < len(items) and used + items[k] <= cap:
+            used += items[k]
+            k += 1
+            n += 1
+        counts.append(n)
+    return counts if k == len(items) else None
+
+
+def _place(costs: list[int], caps: list[int], ngl: int, tensor_split: Sequence[float] | None,
+           balance: bool = True) -> list[int] | None:
+    """Layers per device for the last ``ngl`` of ``costs`` (bytes per layer), each
+    device holding at most its ``caps`` (or None). A user's ``tensor_split`` decides the
+    layers (llama.cpp's rule) and is only checked; otherwise every device is filled to the
+    same, smallest fraction of its capacity: a split in proportion to usable memory."""
+    n_layer = len(costs) - 1
+    if ngl <= 0:
+        return [0] * len(caps)
+    if tensor_split is not None:
+        ranges = split_layers(n_layer, ngl, tensor_split)
+        for (a, b), cap in zip(ranges, caps):
+            if b > a and sum(costs[a:b]) > cap:
+                return None
+        return [b - a for a, b in ranges]
+    items = costs[len(costs) - ngl:]
+    best = _fill(items, caps)
+    if best is None or not balance:
+        return best
+    lo, hi = 0, 1 << 16  # the fill fraction, in 1/65536
+    while lo < hi:
+        mid = (lo + hi) // 2
+        counts = _fill(items, [cap * mid >> 16 for cap in caps])
+        if counts is None:
+            lo = mid + 1
+        else:
+            hi, best = mid, counts
+    return best
+
+
+@dataclass(frozen=True)
+class _Device:
+    name: str
+    host: str  # "local" or "host:port"
+    free: int
+    total: int
+    budget: int
+
+    @property
+    def label(self) -> str:
+        return self.name if self.host == "local" else f"{self.name} ({self.host})"
+
+
 def _fmt(n: int) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
 
@@ -305,12 +466,200 @@ def _ctx_candidates(trained: int, floor: int) -> list[int]:
     return out
 
 
+class _DeviceSplit:
+    """The devices a plan may split layers over, and per-device fitting (plan_load's
+    helper for hosts, ``devices`` and ``tensor_split``)."""
+
+    def __init__(self, info: ModelInfo, hardware: Hardware, opts: LoadOptions, remote: Sequence[RemoteDevice],
+                 ram_budget: int, notes: list[str]) -> None:
+        self.info, self.hardware, self.ram_budget, self.notes = info, hardware, ram_budget, notes
+        self.total_layers = offloadable_layers(info)
+        pool = [_Device(g.name, "local", g.free_memory, g.total_memory,
+                        memory_budget(g.total_memory, g.free_memory, VRAM_HEADROOM)) for g in hardware.gpus]
+        # llama.cpp names a worker's devices RPC0, RPC1, ... in the order they are added
+        # (ggml_backend_rpc_add_server); a device not added yet gets the name it will have
+        for k, d in enumerate(remote):
+            pool.append(_Device(d.name or f"RPC{k}", d.endpoint, d.free, d.total,
+                                memory_budget(d.total, d.free, REMOTE_HEADROOM)))
+        names = [d.name for d in pool]
+        if len(set(names)) < len(names):
+            raise BadRequest(f"two devices have the same name: {', '.join(names)}")
+        self.pool = pool
+        self.endpoints = list(dict.fromkeys(d.host for d in pool if d.host != "local"))
+        self.user_split = opts.tensor_split
+        self.user_fixed = [k for k in ("devices", "tensor_split", "n_gpu_layers") if getattr(opts, k) is not None]
+        known = ", ".join(d.label for d in pool) or "none: no GPU here and no hosts given"
+        if opts.devices is not None:
+            by_name = {d.name: d for d in pool}
+            bad = [n for n in opts.devices if n not in by_name]
+            if bad:
+                raise BadRequest(f"devices: no device named {', '.join(bad)} (known: {known})")
+            self.tiers = [[by_name[n] for n in opts.devices]]
+        elif opts.tensor_split is not None:
+            if len(opts.tensor_split) != len(pool):
+                raise BadRequest(f"tensor_split has {len(opts.tensor_split)} values for {len(pool)} devices "
+                                 f"({known}): give one per device, or name them with devices")
+            self.tiers = [pool]
+        else:
+            usable = [d for d in pool if d.budget > 0]
+            local = [d for d in usable if d.host == "local"]
+            # this machine's GPUs alone when the whole model fits there: no network in the way
+            self.tiers = [local, usable] if local and len(usable) > len(local) else [usable]
+            for d in pool:
+                if d.budget <= 0 and d.host != "local":
+                    notes.append(f"{d.label} has {_fmt(d.free)} free, no memory to spare after headroom; "
+                                 "it gets no layers")
+        self.fixed_devices = opts.devices is not None or opts.tensor_split is not None
+        self._costs: dict[tuple[Any, ...], tuple[list[int], list[int], int, int]] = {}
+        self.last: tuple[list[_Device], list[int]] = ([], [])
+
+    def configure(self, parallel: int, batch_sizes: Any, swa_full: bool, flash_attn: bool) -> None:
+        self.parallel, self.batch_sizes, self.swa_full, self.flash_attn = parallel, batch_sizes, swa_full, flash_attn
+
+    def costs(self, n_ctx: int, kv: str) -> tuple[list[int], list[int], int, int]:
+        """(weights, KV bytes) per layer (the output head last), the compute buffer every
+        device with layers reserves, and the logits the output head's device adds to it."""
+        key = (n_ctx, kv, self.parallel, self.swa_full, self.flash_attn)
+        if key not in self._costs:
+            info = self.info
+            _, n_ubatch = self.batch_sizes(n_ctx)
+            kvs = _kv_per_layer(info, n_ctx, n_ubatch=n_ubatch, kv_type=kv, parallel=self.parallel,
+                                swa_full=self.swa_full) + [0]
+            ub, act, mask, kq = _compute_parts(info, n_ctx, n_ubatch=n_ubatch, parallel=self.parallel,
+                                               flash_attn=self.flash_attn)
+            # a model whose output shares the token embeddings gets a copy of them on the
+            # output head's device (llama.cpp's TENSOR_DUPLICATED)
+            weights = list(info.layer_bytes or [0] * info.block_count) + [info.output_bytes or info.non_layer_bytes]
+            self._costs[key] = (weights, kvs, act + 2 * mask + kq, ub * info.vocab_size * 4)
+        return self._costs[key]
+
+    def _layer_costs(self, n_ctx: int, kv: str) -> tuple[list[int], int]:
+        weights, kvs, base, logits = self.costs(n_ctx, kv)
+        costs = [w + c for w, c in zip(weights, kvs)]
+        costs[-1] += logits
+        return costs, base
+
+    def choose(self, n_ctx: int, kv: str, ngl: int, devs: list[_Device], balance: bool = True) -> bool:
+        """Whether ``ngl`` layers fit on ``devs``; the split is kept in ``last``."""
+        if ngl and not devs:
+            return False
+        costs, base = self._layer_costs(n_ctx, kv)
+        counts = _place(costs, [d.budget - base for d in devs], ngl, self.user_split, balance)
+        if counts is None:
+            return False
+        self.last = (devs, counts)
+        return True
+
+    def max_layers(self, n_ctx: int, kv: str, devs: list[_Device]) -> int:
+        if not devs:
+            return 0
+        if self.user_split is not None:  # a fixed split moves layers as their number changes
+            return next((n for n in range(self.total_layers, 0, -1) if self.choose(n_ctx, kv, n, devs)), 0)
+        lo, hi = 0, self.total_layers  # more layers never fit where fewer do not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.choose(n_ctx, kv, mid, devs, balance=False):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def does_not_fit(self, n_ctx: int, kv: str, ram_at: Any, n_gpu_layers: int | None) -> str:
+        """Why nothing fits, with how much more memory it would take across all hosts.
+        ``ram_at(ngl)``: this machine's RAM use with ``ngl`` layers offloaded."""
+        costs, base = self._layer_costs(n_ctx, kv)
+        devs = self.tiers[-1]
+        scope = devs if self.fixed_devices else self.pool  # every host given, one with no room too
+        usable = [d for d in devs if d.budget > base]
+        need = ram_at(0) + base * len(usable)  # all of it somewhere, and a compute buffer on each device
+        free = self.ram_budget + sum(d.budget for d in scope)
+        n_hosts = 1 + len({d.host for d in scope if d.host != "local"})
+        name = self.info.path.name
+        if n_hosts > 1:
+            head = f"{name} does not fit across {n_hosts} hosts: at n_ctx={n_ctx} it needs {_fmt(need)}; " \
+                   f"the {n_hosts} hosts have {_fmt(free)} free (after headroom)"
+        else:
+            head = f"{name} does not fit: at n_ctx={n_ctx} it needs {_fmt(need)}; this machine has " \
+                   f"{_fmt(free)} free (after headroom)"
+        more = f"{_fmt(need - free)} more" + (" across all hosts" if n_hosts > 1 else "")
+        if need > free and not self.user_fixed:
+            return f"{head}: {more}"
+        ngl = self.total_layers if n_gpu_layers is None else n_gpu_layers
+        why = ""
+        if ram_at(ngl) > self.ram_budget:
+            why = (f"this machine's RAM needs {_fmt(ram_at(ngl))} for what stays on the CPU (input embeddings, "
+                   f"buffers{', layers' if ngl < self.total_layers else ''}), {_fmt(self.ram_budget)} available")
+        elif self.user_split is not None:
+            for d, (a, b) in zip(devs, split_layers(self.info.block_count, ngl, self.user_split)):
+                if b > a and sum(costs[a:b]) + base > d.budget:
+                    why = f"{d.label} would need {_fmt(sum(costs[a:b]) + base)} for layers {a}-{b - 1}, " \
+                          f"{_fmt(d.budget)} usable"
+                    break
+        elif devs:
+            why = f"the devices cannot take {ngl} layers (the largest needs {_fmt(max(costs))})"
+        given = f"with {', '.join(self.user_fixed)} as given" if self.user_fixed else ""
+        return f"{head}, {'; '.join(x for x in (given, why) if x) or 'but no split fits'}" + (
+            f": {more}" if need > free else "")
+
+    def result(self, n_ctx: int, kv: str, ngl: int, memory: MemoryEstimate) -> tuple[MemoryEstimate, dict[str, Any]]:
+        """The plan's devices, tensor_split, placement and hosts; its memory estimate
+        counts this machine only (a worker's memory is its own), GPUs as placed."""
+        devs, counts = self.last
+        if not ngl:
+            devs, counts = (devs, [0] * len(devs)) if self.fixed_devices else ([], [])
+        if self.user_split is not None:
+            tensor_split = list(self.user_split)
+        elif self.fixed_devices:
+            tensor_split = [float(c) for c in counts] if ngl else []
+        else:  # the planner's own: only the devices that get layers, the counts as proportions
+            devs = [d for d, c in zip(devs, counts) if c]
+            counts = [c for c in counts if c]
+            tensor_split = [float(c) for c in counts]
+        n_layer = self.info.block_count
+        ranges = split_layers(n_layer, ngl, tensor_split) if ngl else [(0, 0)] * len(devs)
+        weights, kvs, base, logits = self.costs(n_ctx, kv)
+        placement: list[Placement] = [Placement(
+            device="CPU", host="local", layers=[0, self.total_layers - ngl], n_layers=self.total_layers - ngl,
+            bytes=memory.weights_ram + memory.kv_ram, compute=memory.compute_ram + memory.output_ram,
+            free=self.hardware.available_ram, budget=self.ram_budget)]
+        local = {"weights": 0, "kv": 0, "compute": 0}
+        for d, (a, b) in zip(devs, ranges):
+            w, c = sum(weights[a:b]), sum(kvs[a:b])
+            comp = base + (logits if b == self.total_layers else 0) if b > a else 0
+            placement.append(Placement(device=d.name, host=d.host, layers=[a, b], n_layers=b - a, bytes=w + c,
+                                       compute=comp, free=d.free, budget=d.budget))
+            if d.host == "local":
+                local["weights"] += w
+                local["kv"] += c
+                local["compute"] += comp
+        placed = {d.name for d in devs}
+        placement += [Placement(device=d.name, host=d.host, layers=[0, 0], n_layers=0, bytes=0, compute=0,
+                                free=d.free, budget=d.budget) for d in self.pool if d.name not in placed]
+        used = [(d, a, b) for d, (a, b) in zip(devs, ranges) if b > a]
+        if used:
+            where = ", ".join(f"{d.label} {a}-{b - 1}" for d, a, b in used)
+            self.notes.append(f"{ngl} of {self.total_layers} layers on {len(used)} device(s): {where}"
+                              + ("; the rest on this CPU" if ngl < self.total_layers else ""))
+        if self.endpoints and used and all(d.host == "local" for d, _, _ in used) and not self.fixed_devices:
+            self.notes.append("the model fits on this machine's GPU(s); the hosts are not used")
+        memory = replace(memory, weights_vram=local["weights"], kv_vram=local["kv"], compute_vram=local["compute"])
+        hosts = list(dict.fromkeys(d.host for d in devs if d.host != "local"))
+        return memory, {"devices": [d.name for d in devs], "tensor_split": tensor_split, "placement": placement,
+                        "hosts": hosts}
+
+
 def plan_load(
     info: ModelInfo,
     hardware: Hardware,
     options: LoadOptions | None = None,
+    remote: Sequence[RemoteDevice] = (),
 ) -> LoadPlan:
-    """Choose a LoadPlan, or raise DoesNotFit saying how much is needed and available."""
+    """Choose a LoadPlan, or raise DoesNotFit saying how much is needed and available.
+
+    ``remote``: other hosts' devices (``hearth.rpc``). With them, or with a user's
+    ``devices`` or ``tensor_split``, the plan splits the layers over named devices: this
+    machine's GPUs first (alone when the whole model fits there), then the remote devices,
+    in proportion to their free memory after headroom, and the rest on this CPU."""
     opts = options or LoadOptions()
     opts.validate()
     notes: list[str] = []
@@ -348,6 +697,9 @@ def plan_load(
     ram_budget = memory_budget(hardware.total_ram, hardware.available_ram, RAM_HEADROOM)
     gpus = list(hardware.gpus)
     vram_budget = sum(memory_budget(g.total_memory, g.free_memory, VRAM_HEADROOM) for g in gpus)
+
+    split = _DeviceSplit(info, hardware, opts, remote, ram_budget, notes) if (
+        remote or opts.devices is not None or opts.tensor_split is not None) else None
 
     trained = max(info.context_length, MIN_CTX)
     if opts.n_ctx is not None:
@@ -440,16 +792,56 @@ def plan_load(
 
         return chosen
 
+    def ram_ok(n_ctx: int, ngl: int, kv: str) -> bool:
+        return estimate(n_ctx, ngl, kv).ram <= ram_budget
+
+    def search_split(ctx_options: list[int]) -> tuple[int, int, str] | None:
+        """search() over named devices: local GPUs alone, else with the remote ones."""
+        assert split is not None
+        split.configure(parallel, batch_sizes, swa_full, flash_attn is not False)
+        full = split.tiers[-1]
+        if opts.n_gpu_layers is not None:
+            ngl_fixed = total_layers if opts.n_gpu_layers < 0 else min(opts.n_gpu_layers, total_layers)
+            if ngl_fixed and not full:
+                notes.append("n_gpu_layers was set but there is no device to offload to (no GPU here, no "
+                             "host with memory to spare); running on the CPU")
+                ngl_fixed = 0
+            for kv in kv_options:
+                for n_ctx in ctx_options:
+                    if split.choose(n_ctx, kv, ngl_fixed, full) and ram_ok(n_ctx, ngl_fixed, kv):
+                        return n_ctx, ngl_fixed, kv
+            return None
+        useful = min(trained, 8192) if opts.n_ctx is None else opts.n_ctx
+        for devs in split.tiers:
+            for kv in kv_options if devs else ():
+                for n_ctx in ctx_options:
+                    if n_ctx < useful:
+                        break
+                    if split.choose(n_ctx, kv, total_layers, devs) and ram_ok(n_ctx, total_layers, kv):
+                        return n_ctx, total_layers, kv
+        for kv in kv_options:
+            for n_ctx in ctx_options:
+                ngl = split.max_layers(n_ctx, kv, full)
+                if split.choose(n_ctx, kv, ngl, full) and ram_ok(n_ctx, ngl, kv):
+                    return n_ctx, ngl, kv
+        return None
+
     chosen = None
     for i, parallel in enumerate(parallel_options):
         last = i == len(parallel_options) - 1
         # more slots only while each still gets a useful context
         useful = min(trained, 4096)
         options = ctx_options if last or opts.n_ctx else [c for c in ctx_options if c >= useful]
-        chosen = search(options) if options else None
+        chosen = (search_split(options) if split else search(options)) if options else None
         if chosen:
             break
     src("n_gpu_layers", opts.n_gpu_layers)
+
+    if chosen is None and split is not None:
+        n_ctx, kv = ctx_options[-1], kv_options[-1]
+        fixed = None if opts.n_gpu_layers is None else (
+            total_layers if opts.n_gpu_layers < 0 else min(opts.n_gpu_layers, total_layers))
+        raise DoesNotFit(split.does_not_fit(n_ctx, kv, lambda n: estimate(n_ctx, n, kv).ram, fixed))
 
     if chosen is None:
         n_ctx = ctx_options[-1]
@@ -477,11 +869,17 @@ def plan_load(
     if kv != "f16" and opts.kv_type is None:
         notes.append(f"KV cache quantized to {kv} to fit in memory")
         flash_attn = True  # a quantized V cache needs flash attention
-    if gpus and 0 < ngl < total_layers:
+    if gpus and 0 < ngl < total_layers and split is None:
         notes.append(f"{ngl} of {total_layers} layers on the GPU; the rest on the CPU")
     n_batch, n_ubatch = batch_sizes(n_ctx)
     src("n_batch", opts.n_batch)
     src("n_ubatch", opts.n_ubatch)
+    memory = estimate(n_ctx, ngl, kv)
+    extra: dict[str, Any] = {}
+    if split is not None:
+        src("devices", opts.devices)
+        src("tensor_split", opts.tensor_split)
+        memory, extra = split.result(n_ctx, kv, ngl, memory)
     return LoadPlan(
         n_ctx=n_ctx,
         n_gpu_layers=ngl,
@@ -496,7 +894,8 @@ def plan_load(
         numa=numa,
         parallel=parallel,
         swa_full=swa_full,
-        memory=estimate(n_ctx, ngl, kv),
+        memory=memory,
         notes=notes,
         sources=sources,
+        **extra,
     )

@@ -8,6 +8,7 @@ defaults is the front ends' business, running them is the engine's.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, Mapping, Protocol, Sequence, runtime_checkable
@@ -131,14 +132,34 @@ def select_engine(path: str | os.PathLike[str]) -> str:
     return {"gguf": "llama.cpp"}[fmt]
 
 
-def load_engine(info: ModelInfo, plan: LoadPlan, model_name: str = "", max_queue: int = 64) -> Engine:
-    """Load the model file with the engine that runs its format."""
+# Whether load_engine runs models in a child process when its caller does not say: set
+# around a load by a front end that cannot pass ``isolate`` through (the server's pool).
+isolation: contextvars.ContextVar[bool] = contextvars.ContextVar("hearth_isolation", default=False)
+
+
+def load_engine(info: ModelInfo, plan: LoadPlan, model_name: str = "", max_queue: int = 64, *,
+                isolate: bool | None = None, hosts: Sequence[str] = ()) -> Engine:
+    """Load the model file with the engine that runs its format.
+
+    ``isolate``: run it in a child process of its own (``engines/subprocess.py``), so
+    that its death (llama.cpp aborts when an RPC worker is lost) costs this model only;
+    None: as ``isolation`` says. ``hosts`` (RPC workers, ``host:port``; else the plan's
+    own ``hosts``, if it has any) are added in that child before the load, and always
+    mean a child process.
+    """
     engine = select_engine(info.path)
+    hosts = list(hosts or getattr(plan, "hosts", None) or ())
+    if isolate is None:
+        isolate = isolation.get()
     if engine == "llama.cpp":
+        if isolate or hosts:
+            from .subprocess import ProcessEngine
+
+            return ProcessEngine(info, plan, model_name=model_name, max_queue=max_queue, hosts=hosts)
         from .llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(info, plan, model_name=model_name, max_queue=max_queue)
     raise AssertionError(engine)  # pragma: no cover - select_engine raises first
 
 
-__all__ = ["Engine", "EngineStats", "Handle", "detect_format", "load_engine", "select_engine"]
+__all__ = ["Engine", "EngineStats", "Handle", "detect_format", "isolation", "load_engine", "select_engine"]

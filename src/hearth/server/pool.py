@@ -249,6 +249,9 @@ class ModelPool:
         max_loaded_models: int | None = None,
     ) -> None:
         self.load_options = dict(load_options or {})
+        # each model in a child process of its own (engines/subprocess.py): its death costs
+        # that model, not the server
+        self.isolate = bool(self.load_options.pop("isolate", False))
         # the only directories whose files a client may name by path or file name
         self.models_dirs = [Path(os.path.realpath(os.path.expanduser(d))) for d in models_dirs]
         if keep_alive is None or max_loaded_models is None:
@@ -386,6 +389,11 @@ class ModelPool:
             target = self._served[0]
         key = target.key
         entry = self._loaded.get(key)
+        if entry is not None and not _alive(entry):
+            if ka is ...:  # the reload keeps its keep-alive (a startup model's: forever)
+                ka = entry.keep_alive
+            self._drop_dead(entry)
+            entry = None
         if entry is not None and await work.disk(entry.check_file):
             self._drop_changed(entry)
             raise ModelChanged(f"{entry.changed}; hearth stopped using it. Send the request again to load "
@@ -417,6 +425,13 @@ class ModelPool:
             del self._loaded[entry.key]
         self._retire(entry)
 
+    def _drop_dead(self, entry: Loaded) -> None:
+        """Out of the pool: its engine's process died; the next request loads it again."""
+        log.warning("%s: its engine is gone; the next request loads it again", entry.model.name)
+        if self._loaded.get(entry.key) is entry:
+            del self._loaded[entry.key]
+        self._retire(entry)
+
     async def check_files(self) -> None:
         """Drop every loaded model whose file changed in place (``/api/ps`` looks)."""
         for entry in list(self._loaded.values()):
@@ -426,6 +441,8 @@ class ModelPool:
     def _release(self, lease: Lease) -> None:
         entry = lease.entry
         entry.leases -= 1
+        if not _alive(entry) and self._loaded.get(entry.key) is entry:
+            self._drop_dead(entry)
         if self.on_result is not None:
             for h in lease.handles:
                 result = h.result_now
@@ -462,7 +479,7 @@ class ModelPool:
             raise EngineError("the server is shutting down")
         await self._make_room(target)
         t0 = time.perf_counter()
-        model = await work.load(load_model, target.model, **self.load_options)
+        model = await work.load(_load_model, target.model, self.isolate, self.load_options)
         if self.chat_template is not None:
             try:
                 _use_template(model, self.chat_template)
@@ -654,6 +671,21 @@ class ModelPool:
                 log.exception("closing %s", entry.model.name)
         if self._unloading:
             await asyncio.gather(*self._unloading, return_exceptions=True)
+
+
+def _alive(entry: Loaded) -> bool:
+    """False once a model's engine (its child process) has died."""
+    return getattr(entry.model.engine, "alive", True)
+
+
+def _load_model(model: ResolvedModel, isolate: bool, options: Mapping[str, Any]) -> Model:
+    from ..engines.base import isolation
+
+    token = isolation.set(isolate)
+    try:
+        return load_model(model, **options)
+    finally:
+        isolation.reset(token)
 
 
 def _use_template(model: Model, template: ChatTemplate) -> None:

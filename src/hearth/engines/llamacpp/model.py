@@ -73,6 +73,19 @@ class LlamaModel:
             mp.load_mode = ll.LLAMA_LOAD_MODE_MMAP
         else:
             mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
+        # a split across devices (other hosts' through RPC): the plan's device list and
+        # proportions, as llama-server's --device/--tensor-split; none: llama.cpp's default
+        self._devices = self._split = None
+        devices = list(getattr(plan, "devices", None) or [])
+        if devices:
+            from ...rpc import device_handles
+
+            self._devices = device_handles(devices)
+            mp.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+            split = list(getattr(plan, "tensor_split", None) or [])
+            if split:
+                self._split = (ctypes.c_float * ll.LLAMA_MAX_DEVICES)(*split[: ll.LLAMA_MAX_DEVICES])
+                mp.tensor_split = self._split
         model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
         if not model:
             raise InvalidModel(f"{self.path}: llama.cpp could not load this model (run with -v for its log)")
