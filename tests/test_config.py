@@ -236,3 +236,11 @@ def test_alias_names_are_other_programs_and_each_setting_lists_its_own() -> None
         assert len(names) == len(set(names)), s.name
         assert not any(n.startswith("HEARTH_") for n in names), s.name
     assert "aliases" in load_config(env={}, file=Path("/nonexistent/absent.toml")).to_dict()["port"]
+
+
+def test_tensor_split_and_devices_take_llama_cpps_syntax(tmp_path):
+    cfg = load_config(env={"HEARTH_TENSOR_SPLIT": "3/1", "LLAMA_ARG_DEVICE": "RPC0,RPC1"},
+                      file=tmp_path / "absent.toml")
+    assert cfg.tensor_split == [3.0, 1.0] and cfg.sources["tensor_split"] == "env"
+    assert cfg.devices == ["RPC0", "RPC1"] and cfg.sources["devices"] == "env:LLAMA_ARG_DEVICE"
+    assert load_config(env={"HEARTH_DEVICES": "none"}, file=tmp_path / "absent.toml").devices == []

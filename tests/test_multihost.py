@@ -168,6 +168,11 @@ def test_split_across_two_workers_and_this_machine_gives_the_local_greedy_tokens
         assert placed["local"] == 11 and all(placed[h] > 0 for h in hosts), placed
         assert getattr(m.engine, "alive", False)  # in a process of its own
         assert _greedy(m) == local_text
+    # the user's split wins (llama.cpp's --tensor-split): 3:1 of 20 layers
+    with load_model(str(smollm2_path), n_ctx=N_CTX, parallel=1, hosts=hosts, n_gpu_layers=20,
+                    tensor_split=[3, 1]) as m:
+        assert [p["n_layers"] for p in m.plan.placement] == [11, 15, 5]
+        assert _greedy(m) == local_text
     # the planner's own split (no n_gpu_layers): every layer goes to the workers
     with load_model(str(smollm2_path), n_ctx=N_CTX, parallel=1, hosts=hosts) as m:
         assert sum(p["n_layers"] for p in m.plan.placement if p["host"] != "local") == 31

@@ -109,6 +109,10 @@ def _load_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-mmap", dest="use_mmap", action="store_const", const=False, help="read the model into RAM instead of mapping it")
     g.add_argument("--mlock", dest="use_mlock", action="store_const", const=True, help="lock the model in RAM")
     g.add_argument("--parallel", "-np", dest="parallel", type=int, help="concurrent requests (slots)")
+    g.add_argument("--tensor-split", "-ts", dest="tensor_split", type=_arg_type("_floats"), metavar="N,N,...",
+                   help="the share of the offloaded layers per device, as llama.cpp (default: by free memory)")
+    g.add_argument("--device", "-dev", dest="devices", type=_arg_type("_names"), metavar="DEV,DEV,...",
+                   help="llama.cpp devices to offload to (CUDA0, RPC0, ...; none: this CPU only)")
     g.add_argument("--hosts", dest="worker_hosts", default=None, metavar="HOST:PORT,...",
                    help="split the model across these machines' `hearth worker`s too (llama.cpp RPC; default "
                    "port 50052; default: HEARTH_HOSTS, else this machine only)")
@@ -351,7 +355,7 @@ def _version() -> str:
 
 def _load_wishes(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("n_ctx", "n_threads", "n_threads_batch", "n_gpu_layers", "n_batch", "n_ubatch", "kv_type", "flash_attn",
-            "use_mmap", "use_mlock", "parallel", "hosts_optional")
+            "use_mmap", "use_mlock", "parallel", "tensor_split", "devices", "hosts_optional")
     wishes = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "worker_hosts", None) is not None:  # --hosts (serve's --host is where it listens)
         wishes["hosts"] = args.worker_hosts
@@ -414,6 +418,8 @@ def _load_argv(args: argparse.Namespace) -> list[str]:
             out.append("--mlock")
         elif k == "hosts_optional":
             out.append("--hosts-optional")
+        elif k in ("tensor_split", "devices"):
+            out += ["--tensor-split" if k == "tensor_split" else "--device", ",".join(map(str, v)) or "none"]
         elif k == "flash_attn":
             out += ["--flash-attn", "on" if v else "off"]
         else:

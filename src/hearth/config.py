@@ -53,6 +53,19 @@ def _str(v: Any) -> str:
 _DURATION = re.compile(r"[+-]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+")
 
 
+def _floats(v: Any) -> list[float]:
+    """``"3,1"`` or ``"0.5/0.5"`` (llama.cpp's --tensor-split), or a list."""
+    items = v if isinstance(v, (list, tuple)) else str(v).replace("/", ",").split(",")
+    return [float(x) for x in items if str(x).strip() != ""]
+
+
+def _names(v: Any) -> list[str]:
+    """``"CUDA0,RPC0"`` (llama.cpp's --device), or a list; ``none``: no devices."""
+    items = v if isinstance(v, (list, tuple)) else str(v).split(",")
+    out = [str(x).strip() for x in items if str(x).strip()]
+    return [] if out == ["none"] else out
+
+
 def _duration(v: Any) -> str:
     """A keep-alive: seconds, or a Go duration (``30s``, ``5m``, ``1h30m``); kept as text
     (the server parses it, ``server.pool.parse_keep_alive``)."""
@@ -261,6 +274,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("models_dir", _str, None, "HEARTH_MODELS_DIR", "directories whose .gguf files HTTP clients may use by name or path (os.pathsep-separated)"),
     Setting("keep_alive", _duration, "5m", "HEARTH_KEEP_ALIVE", "how long an idle model stays loaded in the server: seconds or 30s/5m/1h; 0 = unload at once, negative = forever",
             _aliases("OLLAMA_KEEP_ALIVE")),
+    Setting("tensor_split", _floats, None, "HEARTH_TENSOR_SPLIT",
+            "the share of the offloaded layers each device gets, comma-separated, in the order of `devices` "
+            "(else local GPUs, then the hosts' devices), as llama.cpp's --tensor-split (default: the planner, "
+            "by free memory)", _aliases("LLAMA_ARG_TENSOR_SPLIT")),
+    Setting("devices", _names, None, "HEARTH_DEVICES",
+            "llama.cpp devices to offload to, comma-separated (CUDA0, RPC0, ...; none = this CPU only), as "
+            "llama.cpp's --device (default: the planner)", _aliases("LLAMA_ARG_DEVICE")),
     Setting("hosts", _str, None, "HEARTH_HOSTS",
             "other machines' `hearth worker`s to split models across, HOST[:PORT] comma-separated "
             "(llama.cpp RPC; default port 50052; default: none, this machine only)"),
@@ -276,7 +296,7 @@ BY_NAME = {s.name: s for s in SETTINGS}
 # settings that go to the planner as LoadOptions
 LOAD_SETTINGS = (
     "n_ctx", "n_gpu_layers", "n_threads", "n_threads_batch", "n_batch", "n_ubatch",
-    "kv_type", "flash_attn", "use_mmap", "use_mlock", "numa", "parallel",
+    "kv_type", "flash_attn", "use_mmap", "use_mlock", "numa", "parallel", "tensor_split", "devices",
 )
 
 
