@@ -54,7 +54,7 @@ class Worker:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Worker:
-        argv = [sys.executable, "-m", "hearth", "worker", "--host", self.host, "--port", str(self.port)]
+        argv = [sys.executable, "-m", "hearth", "worker", "--host", self.host, "--port", str(self.port), "--announce"]
         argv += ["--cache", str(self.cache)] if self.cache else ["--no-cache"]
         if self.ns:
             argv = ["ip", "netns", "exec", self.ns, *argv]
@@ -96,8 +96,10 @@ class NetNS:
                     break
                 self.made.append(ns)
                 steps = [("ip", "link", "set", f"{veth}p", "netns", ns),
-                         ("ip", "addr", "add", f"10.231.{k}.1/24", "dev", veth), ("ip", "link", "set", veth, "up"),
-                         ("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.231.{k}.2/24", "dev", f"{veth}p"),
+                         ("ip", "addr", "add", f"10.231.{k}.1/24", "brd", "+", "dev", veth),
+                         ("ip", "link", "set", veth, "up"),
+                         ("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.231.{k}.2/24", "brd", "+", "dev",
+                          f"{veth}p"),
                          ("ip", "netns", "exec", ns, "ip", "link", "set", f"{veth}p", "up"),
                          ("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")]
                 if not all(_run(*s) for s in steps):
@@ -291,3 +293,17 @@ def test_a_shaped_network_gives_the_same_tokens(workers, net, smollm2_path, loca
             assert _greedy(m) == local_text
     finally:
         _run("tc", "qdisc", "del", "dev", dev, "root")
+
+
+def test_announced_workers_are_listed_by_hearth_workers(workers, net, tmp_path):
+    if not net.ok:
+        pytest.skip("no network namespace here: beacons go to a network's broadcast address, loopback has none")
+    r = subprocess.run([sys.executable, "-m", "hearth", "workers", "--timeout", "5", "--json"], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    heard = {w["endpoint"]: w for w in json.loads(r.stdout)}
+    for w in workers:
+        assert w.endpoint in heard, (w.endpoint, list(heard))
+        assert heard[w.endpoint]["version"] == "7.0.0" and heard[w.endpoint]["devices"][0]["free"] > 0

@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep received tensors here, so a second load of a model does not resend them "
                     "(default: the user cache dir's hearth/rpc)")
     wk.add_argument("--no-cache", action="store_true", help="keep no tensor cache")
+    wk.add_argument("--announce", action="store_true",
+                    help="announce this worker on the local network (UDP broadcast) so `hearth workers` lists it "
+                    "(default: off)")
+    ws = sub.add_parser("workers", help="list the `hearth worker --announce`s heard on the local network")
+    ws.add_argument("--timeout", type=float, default=3.0, help="seconds to listen (default 3)")
+    ws.add_argument("--json", action="store_true", help="print JSON")
 
     co = sub.add_parser("completion", help="print a shell completion script (bash, zsh or fish)",
                         description="Print a completion script. bash: eval \"$(hearth completion bash)\" in "
@@ -1440,12 +1446,43 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     threading.Thread(target=run, name="hearth-worker", daemon=True).start()
     stop = threading.Event()
+    if args.announce:
+        from . import discovery
+
+        version = f"{rpc.RPC_PROTO_MAJOR_VERSION}.{rpc.RPC_PROTO_MINOR_VERSION}.{rpc.RPC_PROTO_PATCH_VERSION}"
+        names = {d.name for d in serve}
+
+        def current() -> list[dict[str, Any]]:
+            return [{"name": d.name, "kind": d.kind, "free": d.free, "total": d.total, "description": d.description}
+                    for d in rpc.local_devices() if d.name in names]
+
+        threading.Thread(target=discovery.announce_forever, args=(endpoint, host.strip("[]"), current, version, stop),
+                         name="hearth-announce", daemon=True).start()
+        print(f"hearth worker: announcing on UDP port {discovery.PORT} (`hearth workers` lists it)", file=sys.stderr)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.2):
         if failed.is_set():
             raise BadRequest(f"cannot listen on {endpoint}")
     print("hearth worker: stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    from . import discovery
+
+    found = list(discovery.listen(max(0.1, args.timeout)))
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print(f"no worker announced itself within {args.timeout:g} s (start them with `hearth worker --announce`)",
+              file=sys.stderr)
+        return 1
+    for w in found:
+        devs = ", ".join(f"{d.get('name')} {_gib(int(d.get('free', 0)))} free" for d in w.get("devices", []))
+        print(f"{w['endpoint']:<24} RPC {w.get('version', '?'):<7} {devs}")
+    print(f"use them: --hosts {','.join(w['endpoint'] for w in found)}", file=sys.stderr)
     return 0
 
 
@@ -1468,7 +1505,8 @@ COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_ben
             "serve": cmd_serve, "daemon": cmd_daemon, "models": cmd_models,
             # Ollama's verbs
             "pull": cmd_models, "list": cmd_models, "ls": cmd_models, "rm": cmd_models, "show": cmd_info,
-            "ps": cmd_ps, "stop": cmd_stop, "completion": cmd_completion, "worker": cmd_worker}
+            "ps": cmd_ps, "stop": cmd_stop, "completion": cmd_completion, "worker": cmd_worker,
+            "workers": cmd_workers}
 
 
 def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
