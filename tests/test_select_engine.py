@@ -10,7 +10,7 @@ import pytest
 
 import hearth
 from hearth.engines.base import detect_format, select_engine
-from hearth.errors import HearthError, InvalidModel, ModelNotFound, UnsupportedFormat
+from hearth.errors import HearthError, ModelNotFound, UnsupportedFormat
 from hearth.store import resolve_model
 
 

@@ -48,6 +48,9 @@ def parse(fmt, text, *, tools=TOOLS, in_thinking=False, pieces=None):
     whole = OutputParser(fmt, tools, in_thinking=in_thinking)
     whole_events = whole.feed(text)
     out, rest = whole.finish()
+    whole_events += rest  # fed at once, the stream adds up to the parse too
+    assert "".join(t for k, t in whole_events if k == "content") == out.content
+    assert "".join(t for k, t in whole_events if k == "reasoning") == out.reasoning
     for size in (1, 3, 7):
         p = OutputParser(fmt, tools, in_thinking=in_thinking)
         events = []

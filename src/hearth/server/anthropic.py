@@ -12,7 +12,7 @@ import asyncio
 import json
 import secrets
 import string
-from typing import Any, AsyncIterator, Literal, Union
+from typing import Any, AsyncIterator, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
