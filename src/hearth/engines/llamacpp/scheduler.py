@@ -449,6 +449,9 @@ class Scheduler:
             self._rollback(saved)
             self._decode_failed(ret, active, prefilled)
             return
+        # llama_decode may return before the work is done (RPC workers, GPU streams): the
+        # clock is read once the logits exist, so prompt speed and ttft are what happened
+        ll.llama_synchronize(self.model.ctx)
         now = time.perf_counter()
         for s in active:
             if s.batch_index < 0 or s.request is None:
