@@ -132,3 +132,19 @@ class ModelChanged(HearthError):
     http_status = 409
     exit_code = 1
     code = "model_changed"
+
+
+class WorkerError(HearthError):
+    """An RPC worker (``hearth worker``) that cannot be used: unreachable, busy, another
+    protocol version."""
+
+    http_status = 502
+    exit_code = 1
+    code = "worker_unavailable"
+
+
+class RpcUnavailable(HearthError):
+    """This llama-cpp-python was built without the RPC backend."""
+
+    exit_code = 2
+    code = "rpc_unavailable"

@@ -19,12 +19,13 @@ otherwise; run them only on a trusted network or behind an SSH tunnel or WireGua
 from __future__ import annotations
 
 import ctypes
+import functools
 import socket
 import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BadRequest, HearthError
+from .errors import BadRequest, RpcUnavailable, WorkerError
 
 # ggml-rpc.h of the llama.cpp our llama-cpp-python vendors
 RPC_PROTO_MAJOR_VERSION = 7
@@ -38,21 +39,6 @@ _CMD_DEVICE_COUNT = 15
 
 DEFAULT_PORT = 50052  # rpc-server's
 PROBE_TIMEOUT = 5.0
-
-
-class WorkerError(HearthError):
-    """A worker that cannot be used: unreachable, busy, another protocol version."""
-
-    http_status = 502
-    exit_code = 1
-    code = "worker_unavailable"
-
-
-class RpcUnavailable(HearthError):
-    """This llama-cpp-python was built without the RPC backend."""
-
-    exit_code = 2
-    code = "rpc_unavailable"
 
 
 REBUILD_HINT = ('reinstall llama-cpp-python with it: CMAKE_ARGS="-DGGML_RPC=ON" pip install --no-cache-dir '
@@ -187,43 +173,26 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT) -> WorkerInfo:
 # -- llama.cpp's RPC backend, through the backend registry -----------------------------
 
 
-_lib: Any = None
-
-
+@functools.lru_cache(maxsize=1)
 def _ggml() -> Any:
-    """libggml (the backend registry) of the installed llama-cpp-python."""
-    global _lib
-    if _lib is None:
-        from llama_cpp import _ggml
+    """libggml of the installed llama-cpp-python: ``hardware._ggml_lib``'s device API,
+    plus the backend registry calls the RPC backend needs."""
+    from .hardware import _ggml_lib
 
-        lib = _ggml.libggml
-        lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-        lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-        lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-        lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_register.restype = None
-        lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-        lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
-        lib.ggml_backend_dev_count.argtypes = []
-        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-        lib.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
-        lib.ggml_backend_dev_by_name.restype = ctypes.c_void_p
-        lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_dev_name.restype = ctypes.c_char_p
-        lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_dev_description.restype = ctypes.c_char_p
-        lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_dev_type.restype = ctypes.c_int
-        lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                                ctypes.POINTER(ctypes.c_size_t)]
-        lib.ggml_backend_dev_memory.restype = None
-        _lib = lib
-    return _lib
+    lib = _ggml_lib()
+    if lib is None:
+        raise OSError("libggml is not available")
+    for name, res, args in (
+        ("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p]),
+        ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+        ("ggml_backend_register", None, [ctypes.c_void_p]),
+        ("ggml_backend_reg_dev_count", ctypes.c_size_t, [ctypes.c_void_p]),
+        ("ggml_backend_reg_dev_get", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
+        ("ggml_backend_dev_by_name", ctypes.c_void_p, [ctypes.c_char_p]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
 
 
 def _rpc_reg() -> int | None:

@@ -8,6 +8,7 @@ defaults is the front ends' business, running them is the engine's.
 from __future__ import annotations
 
 import asyncio
+import queue
 import contextvars
 import os
 from dataclasses import dataclass
@@ -39,6 +40,90 @@ class Handle(Protocol):
     async def aresult(self) -> GenerationResult: ...
 
     def cancel(self) -> None: ...
+
+
+END_OF_STREAM = object()  # the last item on a handle's event queue
+
+
+def async_notify(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Event, Any]:
+    """An asyncio.Event (awaited on ``loop``) and a thread-safe callback that sets it
+    from another thread (the engine's)."""
+    event = asyncio.Event()
+    return event, lambda: loop.call_soon_threadsafe(event.set)
+
+
+class QueuedHandle:
+    """The Handle behaviour shared by the engines: chunks arrive on ``_events`` (a
+    thread-safe queue) until ``END_OF_STREAM``; ``_wake`` (from ``async_notify``) wakes
+    ``async for``. Subclasses give ``_events``, ``_wake``, ``result_now``,
+    ``_error_now()`` and ``cancel()``; leaving an iteration early cancels the request."""
+
+    _events: Any
+    _wake: asyncio.Event | None = None
+    _finished: bool = False  # the consumer saw the end
+
+    @property
+    def result_now(self) -> GenerationResult | None:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def _error_now(self) -> BaseException | None:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def cancel(self) -> None:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def _done(self, item: object) -> bool:
+        """True at the end of the stream; raises the request's error if it failed."""
+        if item is not END_OF_STREAM:
+            return False
+        self._finished = True
+        error = self._error_now()
+        if error is not None:
+            raise error
+        return True
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        try:
+            while not self._finished:
+                item = self._events.get()
+                if self._done(item):
+                    return
+                yield item
+        finally:
+            if not self._finished:  # the caller stopped early (break, exception, close)
+                self.cancel()
+
+    def result(self) -> GenerationResult:
+        for _ in self:
+            pass
+        assert self.result_now is not None
+        return self.result_now
+
+    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        wake = self._wake
+        if wake is None:
+            raise RuntimeError("submit(..., loop=...) is needed for async iteration")
+        try:
+            while not self._finished:
+                try:
+                    item = self._events.get_nowait()
+                except queue.Empty:
+                    wake.clear()
+                    if self._events.empty():
+                        await wake.wait()
+                    continue
+                if self._done(item):
+                    return
+                yield item
+        finally:
+            if not self._finished:  # break, aclose() or task cancellation
+                self.cancel()
+
+    async def aresult(self) -> GenerationResult:
+        async for _ in self:
+            pass
+        assert self.result_now is not None
+        return self.result_now
 
 
 @dataclass(frozen=True)
@@ -162,4 +247,4 @@ def load_engine(info: ModelInfo, plan: LoadPlan, model_name: str = "", max_queue
     raise AssertionError(engine)  # pragma: no cover - select_engine raises first
 
 
-__all__ = ["Engine", "EngineStats", "Handle", "detect_format", "isolation", "load_engine", "select_engine"]
+__all__ = ["END_OF_STREAM", "Engine", "EngineStats", "Handle", "QueuedHandle", "async_notify", "detect_format", "isolation", "load_engine", "select_engine"]

@@ -36,19 +36,19 @@ import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..chat import ChatTemplate
 from ..errors import EngineError
 from ..gguf import ModelInfo
 from ..planner import LoadPlan
-from ..types import GenerationChunk, GenerationParams, GenerationResult
-from .base import EngineStats
+from ..types import GenerationParams, GenerationResult
+from .base import END_OF_STREAM, EngineStats, QueuedHandle, async_notify
 
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!Q")
-_DONE = object()
+_DONE = END_OF_STREAM
 _STDERR_TAIL = 200  # lines of the child's stderr kept for the error message
 # llama.cpp's last words before it aborts: the line worth showing
 _RELEVANT = re.compile(
@@ -111,27 +111,20 @@ def _portable(e: BaseException) -> BaseException:
 # -- the parent's side ----------------------------------------------------------------
 
 
-def _async_notify(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Event, Callable[[], None]]:
-    event = asyncio.Event()
-    return event, lambda: loop.call_soon_threadsafe(event.set)
-
-
-class ProcessHandle:
+class ProcessHandle(QueuedHandle):
     """One request running in the child; behaves as the in-process RequestHandle."""
 
     def __init__(self, engine: ProcessEngine, rid: int, loop: asyncio.AbstractEventLoop | None) -> None:
         self._engine = engine
         self.rid = rid
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._finished = False  # the consumer saw the end
         self._ended = False  # the end arrived
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
         self._cancelled = False
-        self._wake: asyncio.Event | None = None
         self._notify: Callable[[], None] | None = None
         if loop is not None:
-            self._wake, self._notify = _async_notify(loop)
+            self._wake, self._notify = async_notify(loop)
 
     # fed by the engine's reader thread
     def _put(self, item: Any) -> None:
@@ -154,62 +147,14 @@ class ProcessHandle:
     def result_now(self) -> GenerationResult | None:
         return self._result
 
-    def _done(self, item: object) -> bool:
-        if item is not _DONE:
-            return False
-        self._finished = True
-        if self._error is not None:
-            raise self._error
-        return True
-
-    def __iter__(self) -> Iterator[GenerationChunk]:
-        try:
-            while not self._finished:
-                item = self._events.get()
-                if self._done(item):
-                    return
-                yield item
-        finally:
-            if not self._finished:  # the caller stopped early (break, exception, close)
-                self.cancel()
-
-    def result(self) -> GenerationResult:
-        for _ in self:
-            pass
-        assert self._result is not None
-        return self._result
+    def _error_now(self) -> BaseException | None:
+        return self._error
 
     def cancel(self) -> None:
         if self._ended or self._cancelled:
             return
         self._cancelled = True
         self._engine._cancel(self.rid)
-
-    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
-        wake = self._wake
-        if wake is None:
-            raise RuntimeError("submit(..., loop=...) is needed for async iteration")
-        try:
-            while not self._finished:
-                try:
-                    item = self._events.get_nowait()
-                except queue.Empty:
-                    wake.clear()
-                    if self._events.empty():
-                        await wake.wait()
-                    continue
-                if self._done(item):
-                    return
-                yield item
-        finally:
-            if not self._finished:  # break, aclose() or task cancellation
-                self.cancel()
-
-    async def aresult(self) -> GenerationResult:
-        async for _ in self:
-            pass
-        assert self._result is not None
-        return self._result
 
 
 @dataclass
@@ -588,11 +533,9 @@ class _ChildServer:
     def __init__(self, engine: Any, chan: _Channel) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from .llamacpp.scheduler import _DONE as done
-
         self.engine = engine
         self.chan = chan
-        self.done = done
+        self.done = END_OF_STREAM
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hearth-child-call")
         self.lock = threading.Lock()
         self.drain_lock = threading.Lock()  # one sender of a request's events at a time, in order

@@ -439,21 +439,11 @@ def _cached(path: Path, key: str) -> CpuBandwidth | None:
 
 
 def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
-    import json
-    import os
-    import tempfile
+    from .local import _write_json_atomic
 
     data = _read_cache(path) or {"version": 1, "machines": {}}
     data["machines"][key] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_json_atomic(path, data)
 
 
 def cpu_bandwidth(bandwidth: float | None = None, *, cache: bool = True, refresh: bool = False,

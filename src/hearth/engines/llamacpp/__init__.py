@@ -11,10 +11,10 @@ from ...errors import BadRequest, ContextOverflow
 from ...gguf import ModelInfo
 from ...planner import LoadPlan
 from ...types import GenerationChunk, GenerationParams, GenerationResult
-from ..base import EngineStats
+from ..base import EngineStats, async_notify
 from .model import LlamaModel
 from .sampling import Sampler
-from .scheduler import Request, RequestHandle, Scheduler, async_notify
+from .scheduler import Request, RequestHandle, Scheduler
 
 
 class LlamaCppEngine:

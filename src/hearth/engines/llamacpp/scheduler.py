@@ -21,11 +21,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, Callable
 
 import llama_cpp as ll
 import numpy as np
 
+from ..base import END_OF_STREAM, QueuedHandle
 from ...errors import Busy, Cancelled, ContextOverflow, EngineError, HearthError
 from ...types import FinishReason, GenerationChunk, GenerationParams, GenerationResult, Timings, Usage
 from .model import LlamaModel
@@ -33,7 +34,7 @@ from .sampling import Sampler
 
 log = logging.getLogger(__name__)
 
-_DONE = object()
+_DONE = END_OF_STREAM
 
 
 @dataclass
@@ -67,82 +68,25 @@ class Request:
                 self.cancelled.set()
 
 
-class RequestHandle:
+class RequestHandle(QueuedHandle):
     """Iterate for GenerationChunks; ``result()`` waits for the final GenerationResult."""
 
     def __init__(self, request: Request, scheduler: Scheduler, wake: asyncio.Event | None = None) -> None:
         self.request = request
         self._scheduler = scheduler
-        self._finished = False
+        self._events = request.events
         self._wake = wake
 
     @property
     def result_now(self) -> GenerationResult | None:
         return self.request.result
 
-    def __iter__(self) -> Iterator[GenerationChunk]:
-        try:
-            while not self._finished:
-                item = self.request.events.get()
-                if self._done(item):
-                    return
-                yield item
-        finally:
-            if not self._finished:  # the caller stopped early (break, exception, close)
-                self.cancel()
-
-    def _done(self, item: object) -> bool:
-        """True at the end of the stream; raises the request's error if it failed."""
-        if item is not _DONE:
-            return False
-        self._finished = True
-        if self.request.error is not None:
-            raise self.request.error
-        return True
-
-    def result(self) -> GenerationResult:
-        for _ in self:
-            pass
-        assert self.request.result is not None
-        return self.request.result
+    def _error_now(self) -> BaseException | None:
+        return self.request.error
 
     def cancel(self) -> None:
         self.request.cancel()
         self._scheduler.wake()
-
-    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
-        """Async iteration; needs the request submitted with ``notify`` from ``async_notify``."""
-        wake = self._wake
-        if wake is None:
-            raise RuntimeError("submit(..., loop=...) is needed for async iteration")
-        try:
-            while not self._finished:
-                try:
-                    item = self.request.events.get_nowait()
-                except queue.Empty:
-                    wake.clear()
-                    if self.request.events.empty():
-                        await wake.wait()
-                    continue
-                if self._done(item):
-                    return
-                yield item
-        finally:
-            if not self._finished:  # break, aclose() or task cancellation
-                self.cancel()
-
-    async def aresult(self) -> GenerationResult:
-        async for _ in self:
-            pass
-        assert self.request.result is not None
-        return self.request.result
-
-
-def async_notify(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Event, Callable[[], None]]:
-    """An asyncio.Event (awaited on ``loop``) and a thread-safe callback that sets it
-    from the worker. May be called from any thread."""
-    event = asyncio.Event()
-    return event, lambda: loop.call_soon_threadsafe(event.set)
 
 
 class _StopMatcher:
